@@ -1,0 +1,75 @@
+"""Evaluation: accuracy, macro-F1 and loss for classification; loss and perplexity for causal LM."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+from sklearn.metrics import accuracy_score, f1_score
+from torch.utils.data import DataLoader, Dataset
+
+from fedtune.adapters import unwrap
+from fedtune.training.losses import IGNORE_INDEX
+from fedtune.training.precision import autocast
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    collate_fn: Callable,
+    task: str,
+    device: torch.device,
+    precision: str = "fp32",
+    batch_size: int = 64,
+) -> dict[str, float]:
+    model = unwrap(model)
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+    try:
+        if task == "sequence-classification":
+            return _classification(model, loader, device, precision)
+        return _causal_lm(model, loader, device, precision)
+    finally:
+        model.train(was_training)
+
+
+def _classification(model, loader, device, precision) -> dict[str, float]:
+    preds, golds, loss_sum, n = [], [], 0.0, 0
+    for input_ids, attention_mask, labels in loader:
+        with autocast(precision, device):
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+        logits = logits.float().cpu()
+        loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        n += len(labels)
+        preds.append(logits.argmax(dim=-1).numpy())
+        golds.append(labels.numpy())
+    y_pred, y_true = np.concatenate(preds), np.concatenate(golds)
+    return {
+        "loss": loss_sum / max(n, 1),
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+        "examples": n,
+    }
+
+
+def _causal_lm(model, loader, device, precision) -> dict[str, float]:
+    # Token-weighted mean negative log-likelihood over supervised tokens.
+    nll_sum, tokens, n = 0.0, 0, 0
+    for input_ids, attention_mask, labels in loader:
+        with autocast(precision, device):
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+        logits = logits.float().cpu()[:, :-1, :]
+        target = labels[:, 1:]
+        nll_sum += float(
+            torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+            )
+        )
+        tokens += int((target != IGNORE_INDEX).sum())
+        n += len(labels)
+    loss = nll_sum / max(tokens, 1)
+    return {"loss": loss, "perplexity": float(math.exp(min(loss, 50.0))), "examples": n}

