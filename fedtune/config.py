@@ -56,6 +56,9 @@ class DataConfig(_Section):
     response_column: Optional[str] = None
     # Share of the training rows held out for evaluation when no eval file is given.
     eval_fraction: float = Field(0.2, gt=0, lt=1)
+    # The label names in id order. Empty: taken from the training rows. In a federation the
+    # coordinator fixes them and sends them to every site.
+    labels: list[str] = []
 
     @model_validator(mode="before")
     @classmethod
@@ -104,12 +107,47 @@ class PrivacyConfig(_Section):
     grad_sample_mode: Literal["hooks", "ghost"] = "hooks"
 
 
+class FederationConfig(_Section):
+    sites: int = Field(3, ge=1)
+    rounds: int = Field(3, ge=1)
+    partition: Literal["iid", "dirichlet", "pathological", "files"] = "dirichlet"
+    alpha: float = Field(0.5, gt=0)               # dirichlet concentration over labels
+    labels_per_site: int = Field(2, ge=1)         # pathological
+    site_files: list[Path] = []                   # partition = "files": one data file per site
+    site_test_fraction: float = Field(0.2, ge=0, lt=1)  # each site's local test split (federated eval)
+    fraction_train: float = Field(1.0, gt=0, le=1)
+    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    proximal_mu: float = Field(0.01, ge=0)        # fedprox
+    server_learning_rate: float = Field(0.01, gt=0)  # fedadam (eta)
+    secure_aggregation: bool = True
+    # SecAgg+ settings; 0 = derived from the number of sites and the adapter's values.
+    secagg_num_shares: int = Field(0, ge=0)
+    secagg_reconstruction_threshold: int = Field(0, ge=0)
+    secagg_clipping_range: float = Field(8.0, gt=0)
+    secagg_quantization_range: int = Field(2**22, ge=2)
+    secagg_modulus_range: int = Field(2**32, ge=2)
+    secagg_max_weight: float = Field(0, ge=0)
+    early_stopping_patience: int = Field(0, ge=0)  # rounds without improvement; 0: off
+    early_stopping_metric: Literal["accuracy", "f1", "loss", "perplexity"] = "accuracy"
+    merge_final: bool = False                     # also save the base model with the adapter merged
+
+    @model_validator(mode="after")
+    def _files_match_sites(self) -> "FederationConfig":
+        if self.partition == "files" and len(self.site_files) != self.sites:
+            raise ValueError(
+                f"federation.partition = 'files' needs one file per site: {len(self.site_files)} "
+                f"site_files for sites = {self.sites}"
+            )
+        return self
+
+
 class FedTuneConfig(_Section):
     model: ModelConfig = ModelConfig()
     lora: LoraConfig = LoraConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    federation: FederationConfig = FederationConfig()
 
     def to_toml(self) -> str:
         return tomli_w.dumps(_drop_none(self.model_dump(mode="json")))
@@ -171,13 +209,18 @@ def _allowed_keys(section: str) -> str:
 
 
 def _resolve_paths(raw: dict, base: Path) -> None:
-    data = raw.get("data")
-    if not isinstance(data, dict):
-        return
-    for key in ("train", "eval"):
-        value = data.get(key)
+    def absolute(value):
         if isinstance(value, str) and value and not Path(value).is_absolute():
-            data[key] = str((base / value).resolve())
+            return str((base / value).resolve())
+        return value
+
+    data = raw.get("data")
+    if isinstance(data, dict):
+        for key in ("train", "eval"):
+            data[key] = absolute(data.get(key))
+    federation = raw.get("federation")
+    if isinstance(federation, dict) and isinstance(federation.get("site_files"), list):
+        federation["site_files"] = [absolute(v) for v in federation["site_files"]]
 
 
 def load_config(

@@ -6,4 +6,15 @@ from fedtune.data.errors import DataError
 from fedtune.model import ModelLoadError
 from fedtune.training.precision import PrecisionError
 
-USER_ERRORS = (ConfigError, DataError, ModelLoadError, PrecisionError, AdapterMismatchError)
+
+def _federation_errors() -> tuple:
+    # Imported lazily: only the simulate/server commands need Flower.
+    try:
+        from fedtune.server.coordinator import RunError
+        from fedtune.server.secagg import SecAggSettingsError
+    except ImportError:
+        return ()
+    return (RunError, SecAggSettingsError)
+
+
+USER_ERRORS = (ConfigError, DataError, ModelLoadError, PrecisionError, AdapterMismatchError, *_federation_errors())

@@ -44,7 +44,15 @@ def _gpt_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+def _seeded() -> None:
+    # Random weights, but the same ones every time: tests must not depend on luck.
+    import torch
+
+    torch.manual_seed(0)
+
+
 def make_tiny_bert(folder: Path) -> Path:
+    _seeded()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = _bert_tokenizer()
@@ -52,6 +60,9 @@ def make_tiny_bert(folder: Path) -> Path:
         vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
+        # Wider than BERT's 0.02 so that a random model's features differ between inputs
+        # enough for DP training to find the signal in a few steps.
+        initializer_range=0.2,
     )
     # With its pooler, as pretrained BERT checkpoints have one (a classifier reads it).
     BertModel(config, add_pooling_layer=True).save_pretrained(folder)
@@ -60,6 +71,7 @@ def make_tiny_bert(folder: Path) -> Path:
 
 
 def make_tiny_gpt2(folder: Path) -> Path:
+    _seeded()
     folder = Path(folder)
     tokenizer = _gpt_tokenizer()
     config = GPT2Config(
@@ -73,6 +85,7 @@ def make_tiny_gpt2(folder: Path) -> Path:
 
 
 def make_tiny_llama(folder: Path) -> Path:
+    _seeded()
     folder = Path(folder)
     tokenizer = _gpt_tokenizer()
     config = LlamaConfig(

@@ -44,7 +44,7 @@ def load_rows(cfg: DataConfig, task: str, seed: int) -> tuple[pd.DataFrame, Opti
     return train, read_table(cfg.eval, cfg.format), str(cfg.train), str(cfg.eval)
 
 
-def _columns(cfg: DataConfig, task: str) -> list[str]:
+def data_columns(cfg: DataConfig, task: str) -> list[str]:
     if task == CLASSIFICATION:
         # The demo rows have fixed column names whatever the config says for files.
         return ["text", "label"] if cfg.builtin else [cfg.text_column, cfg.label_column]
@@ -55,7 +55,7 @@ def _columns(cfg: DataConfig, task: str) -> list[str]:
     raise ValueError(f"unknown task {task!r}; expected {CLASSIFICATION!r} or {CAUSAL!r}")
 
 
-def _hold_out(df: pd.DataFrame, fraction: float, seed: int, source: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+def hold_out(df: pd.DataFrame, fraction: float, seed: int, source: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     if len(df) < 2:
         raise DataError(f"{source}: only {len(df)} usable row; need at least 2 to hold out an eval split")
     n_eval = min(len(df) - 1, max(1, round(len(df) * fraction)))
@@ -63,7 +63,7 @@ def _hold_out(df: pd.DataFrame, fraction: float, seed: int, source: str) -> tupl
     return df.iloc[np.sort(order[n_eval:])], df.iloc[np.sort(order[:n_eval])]
 
 
-def _encode(df, cols, task, tokenizer, max_length, label_map, source) -> TokenizedDataset:
+def encode_rows(df, cols, task, tokenizer, max_length, label_map, source) -> TokenizedDataset:
     rows = df[ROW].tolist()
     if task == CLASSIFICATION:
         ids = label_map.encode(df[cols[1]], rows, source, cols[1])
@@ -81,7 +81,7 @@ def load_site_data(
     seed: int = 0,
     label_map: Optional[LabelMap] = None,
 ) -> SiteData:
-    cols = _columns(cfg, task)
+    cols = data_columns(cfg, task)
     train_raw, eval_raw, train_src, eval_src = load_rows(cfg, task, seed)
     train, train_report = clean_rows(train_raw, cols, train_src)
     if task == CLASSIFICATION and label_map is None:
@@ -90,12 +90,12 @@ def load_site_data(
     if eval_raw is not None:
         eval_df, eval_report = clean_rows(eval_raw, cols, eval_src)
     else:
-        train, eval_df = _hold_out(train, cfg.eval_fraction, seed, train_src)
+        train, eval_df = hold_out(train, cfg.eval_fraction, seed, train_src)
         eval_report = CleaningReport(rows_read=len(eval_df), rows_kept=len(eval_df))
         train_report = train_report.model_copy(update={"held_out": len(eval_df), "rows_kept": len(train)})
     return SiteData(
-        train=_encode(train, cols, task, tokenizer, max_length, label_map, train_src),
-        eval=_encode(eval_df, cols, task, tokenizer, max_length, label_map, eval_src),
+        train=encode_rows(train, cols, task, tokenizer, max_length, label_map, train_src),
+        eval=encode_rows(eval_df, cols, task, tokenizer, max_length, label_map, eval_src),
         label_map=label_map if task == CLASSIFICATION else None,
         reports={"train": train_report, "eval": eval_report},
     )

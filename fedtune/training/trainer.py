@@ -74,6 +74,7 @@ class LocalTrainer:
         noise_multiplier: float = 0.0,
         history: Optional[AccountantHistory] = None,
         seed: int = 0,
+        proximal_mu: float = 0.0,
     ):
         if len(dataset) == 0:
             raise ValueError("cannot train on an empty dataset")
@@ -108,6 +109,20 @@ class LocalTrainer:
             self._make_private(model, optimizer, loader, history)
         else:
             self.model, self.optimizer, self.loader = model, optimizer, loader
+        if proximal_mu > 0:
+            self._add_proximal_term(optimizer, proximal_mu)
+
+    def _add_proximal_term(self, optimizer: torch.optim.Optimizer, mu: float) -> None:
+        """FedProx: pull towards the round's global adapter by adding mu * (w - w_global) to the
+        gradient. Added after DP clipping and noise: it depends on no example, so costs no privacy."""
+        anchors = [p.detach().clone() for p in self.params]
+
+        def hook(opt, args, kwargs):
+            for p, anchor in zip(self.params, anchors):
+                if p.grad is not None:
+                    p.grad.add_(p.detach() - anchor, alpha=mu)
+
+        optimizer.register_step_pre_hook(hook)
 
     def _make_private(self, model, optimizer, loader, history: Optional[AccountantHistory]) -> None:
         mechanism = history.mechanism if history is not None else self.privacy.accountant

@@ -1,0 +1,22 @@
+"""The ClientApp a site runs (Flower App component ``client.app:app``)."""
+
+from __future__ import annotations
+
+from flwr.app import Context
+from flwr.client import ClientApp
+
+from .agent import SiteClient
+from .mods import secure_aggregation_mod
+from .settings import settings_from_node_config
+
+
+def client_fn(context: Context):
+    return SiteClient(settings_from_node_config(context.node_config)).to_client()
+
+
+def make_client_app(extra_mods: list | None = None) -> ClientApp:
+    """``extra_mods`` run outside secure aggregation, so they see exactly what leaves the site."""
+    return ClientApp(client_fn=client_fn, mods=[*(extra_mods or []), secure_aggregation_mod])
+
+
+app = make_client_app()

@@ -1,0 +1,42 @@
+"""A site's own settings, from Flower's node config (``flower-supernode --node-config``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class SiteSettings(BaseModel):
+    """Node-config keys (kebab-case on the command line) a site admin sets."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    site_id: str = Field(alias="site-id")
+    data_path: Optional[Path] = Field(None, alias="data-path")
+    data_format: str = Field("auto", alias="data-format")
+    text_column: Optional[str] = Field(None, alias="text-column")
+    label_column: Optional[str] = Field(None, alias="label-column")
+    test_fraction: Optional[float] = Field(None, alias="test-fraction", ge=0, lt=1)
+    device: Optional[str] = None
+    state_dir: Optional[Path] = Field(None, alias="state-dir")
+    # A site that requires SecAgg+ refuses to send a plain update.
+    require_secure_aggregation: bool = Field(True, alias="require-secure-aggregation")
+    partition_id: Optional[int] = Field(None, alias="partition-id")  # simulation only
+
+    @property
+    def simulated(self) -> bool:
+        return self.data_path is None
+
+
+def settings_from_node_config(node_config: dict) -> SiteSettings:
+    cfg = dict(node_config)
+    if "partition-id" in cfg:  # Flower's simulation engine: the site is one partition
+        pid = int(cfg["partition-id"])
+        return SiteSettings(**{"site-id": f"site-{pid}", "partition-id": pid, "require-secure-aggregation": False})
+    cfg.pop("num-partitions", None)
+    if "data-path" not in cfg:
+        raise ValueError("site agent: node config needs data-path (the site's data file)")
+    cfg.setdefault("site-id", Path(str(cfg["data-path"])).stem)
+    return SiteSettings.model_validate(cfg)

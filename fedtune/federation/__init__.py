@@ -1,0 +1,1 @@
+"""Federation pieces shared by the coordinator (server/) and the site agent (client/)."""

@@ -1,0 +1,64 @@
+"""The coordinator's own model: central evaluation of each aggregate, and adapter export."""
+
+from __future__ import annotations
+
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fedtune.adapters import get_adapter_arrays, set_adapter_arrays
+from fedtune.config import FedTuneConfig
+from fedtune.data import LabelMap, pad_collate
+from fedtune.data.site import encode_rows
+from fedtune.evaluation import evaluate
+from fedtune.io_utils import atomic_replace_dir
+from fedtune.local import save_adapter, seed_everything
+from fedtune.model import build_model, load_tokenizer, resolve_device
+
+
+class CentralEvaluator:
+    def __init__(self, cfg: FedTuneConfig, rows: pd.DataFrame, columns: list[str], label_map: LabelMap | None,
+                 source: str):
+        seed_everything(cfg.train.seed)
+        self.cfg = cfg
+        self.device = resolve_device(cfg.train.device)
+        self.tokenizer = load_tokenizer(cfg.model)
+        id2label = dict(enumerate(label_map.labels)) if label_map is not None else None
+        # Same seed as every site: the classification head starts identical everywhere.
+        self.model = build_model(cfg.model, cfg.lora, self.tokenizer, id2label, self.device, cfg.train.seed)
+        self.dataset = encode_rows(rows, columns, cfg.model.task, self.tokenizer, cfg.model.max_length, label_map,
+                                   source)
+        self.collate = pad_collate(self.tokenizer.pad_token_id)
+        self.names = list(get_adapter_arrays(self.model).keys())
+
+    def initial_arrays(self) -> "OrderedDict[str, np.ndarray]":
+        return get_adapter_arrays(self.model)
+
+    def named(self, arrays: list[np.ndarray]) -> "OrderedDict[str, np.ndarray]":
+        return OrderedDict(zip(self.names, (np.asarray(a, dtype=np.float32) for a in arrays)))
+
+    def evaluate(self, arrays: list[np.ndarray]) -> dict:
+        set_adapter_arrays(self.model, self.named(arrays))
+        return evaluate(self.model, self.dataset, self.collate, self.cfg.model.task, self.device,
+                        "fp32", self.cfg.train.eval_batch_size)
+
+    def export(self, arrays: list[np.ndarray], folder: Path) -> None:
+        """The adapter in PEFT format (PeftModel.from_pretrained loads it)."""
+        set_adapter_arrays(self.model, self.named(arrays))
+        save_adapter(self.model, folder)
+
+    def export_merged(self, arrays: list[np.ndarray], folder: Path) -> None:
+        """The base model with the adapter merged in, as a plain transformers model."""
+        import copy
+
+        set_adapter_arrays(self.model, self.named(arrays))
+        merged = copy.deepcopy(self.model).merge_and_unload()
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        merged.save_pretrained(tmp)
+        self.tokenizer.save_pretrained(tmp)
+        atomic_replace_dir(tmp, folder)

@@ -1,0 +1,73 @@
+"""SecAgg+ settings: safe defaults from the number of sites and the adapter's values, and
+refusal before round 1 of settings that would silently corrupt the aggregate."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from pydantic import BaseModel
+
+from fedtune.config import FederationConfig
+
+
+class SecAggSettingsError(ValueError):
+    pass
+
+
+class SecAggSettings(BaseModel):
+    num_shares: int
+    reconstruction_threshold: int
+    clipping_range: float
+    quantization_range: int
+    modulus_range: int
+    max_weight: float
+
+
+def sites_per_round(fed: FederationConfig) -> int:
+    # Flower samples int(fraction * available) sites, at least min_fit_clients.
+    return max(1, int(fed.fraction_train * fed.sites))
+
+
+def secagg_settings(fed: FederationConfig, adapter: list[np.ndarray], max_site_examples: int | None) -> SecAggSettings:
+    n = sites_per_round(fed)
+    if n < 3:
+        raise SecAggSettingsError(
+            f"SecAgg+ needs at least 3 sites per round, this run samples {n} "
+            f"(federation.sites = {fed.sites}, fraction_train = {fed.fraction_train}): add sites, raise "
+            "fraction_train, or set federation.secure_aggregation = false"
+        )
+    shares = fed.secagg_num_shares or n
+    threshold = fed.secagg_reconstruction_threshold or max(2, math.ceil(2 * shares / 3))
+    if threshold >= shares:
+        threshold = shares - 1
+    if not 2 < shares <= n or not 2 <= threshold < shares:
+        raise SecAggSettingsError(
+            f"federation.secagg_num_shares = {shares} / secagg_reconstruction_threshold = {threshold}: "
+            f"need 2 < shares <= sites per round ({n}) and 2 <= threshold < shares"
+        )
+    max_weight = fed.secagg_max_weight or float(max(1000, 2 * (max_site_examples or 0)))
+    if max_site_examples is not None and max_site_examples > max_weight:
+        raise SecAggSettingsError(
+            f"federation.secagg_max_weight = {max_weight} is below a site's example count ({max_site_examples}): "
+            "SecAgg+ would overflow; raise it"
+        )
+    peak = max(float(np.max(np.abs(a))) for a in adapter) if adapter else 0.0
+    # Values grow during training: demand a 4x margin over the starting adapter.
+    if 4 * peak > fed.secagg_clipping_range:
+        raise SecAggSettingsError(
+            f"federation.secagg_clipping_range = {fed.secagg_clipping_range} would clip the adapter "
+            f"(largest value {peak:.3g}, 4x margin needed): raise it to at least {4 * peak:.3g}"
+        )
+    if n * fed.secagg_quantization_range >= fed.secagg_modulus_range:
+        raise SecAggSettingsError(
+            f"{n} sites x secagg_quantization_range {fed.secagg_quantization_range} overflows "
+            f"secagg_modulus_range {fed.secagg_modulus_range}: lower the quantization range or raise the modulus"
+        )
+    if fed.secagg_modulus_range & (fed.secagg_modulus_range - 1):
+        raise SecAggSettingsError(f"federation.secagg_modulus_range = {fed.secagg_modulus_range} must be a power of 2")
+    return SecAggSettings(
+        num_shares=shares, reconstruction_threshold=threshold, clipping_range=fed.secagg_clipping_range,
+        quantization_range=fed.secagg_quantization_range, modulus_range=fed.secagg_modulus_range,
+        max_weight=max_weight,
+    )
