@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo demo-local test test-fast clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,13 +15,16 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/fedtune train-local --config simulations/demo.toml --out runs/demo-local
+	$(BIN)/fedtune simulate --config simulations/federated.toml --out runs/demo
 
 test: install
 	$(BIN)/python -m pytest -q -ra
 
 test-fast: install
 	$(BIN)/python -m pytest -q -ra -m "not slow"
+
+demo-local: install
+	$(BIN)/fedtune train-local --config simulations/demo.toml --out runs/demo-local
 
 clean:
 	rm -rf runs .pytest_cache

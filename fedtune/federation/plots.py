@@ -2,56 +2,87 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 METRICS = ("accuracy", "f1", "loss", "perplexity")
 
 
+def _points(records: list[dict], key: str, metric: str) -> list[tuple[int, float]]:
+    # A record may have key None (no evaluation that round) or lack the metric.
+    pts = [(r["round"], (r.get(key) or {}).get(metric)) for r in records]
+    return [(x, y) for x, y in pts if y is not None]
+
+
+def _site_order(site: str):
+    # site-2 before site-10.
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", site)]
+
+
+def _style(ax, title: str, ylabel: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_title(title)
+    ax.set_xlabel("round (0 = before training)")
+    ax.set_ylabel(ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+
+
+def _empty(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="grey")
+
+
 def write_plots(records: list[dict], folder: Path) -> list[Path]:
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # no display on servers and in site processes
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    present = [m for m in METRICS if any(m in (r.get("central") or {}) for r in records)]
-    fig, axes = plt.subplots(1, max(1, len(present)), figsize=(4.5 * max(1, len(present)), 3.6), squeeze=False)
+
+    present = [m for m in METRICS if _points(records, "central", m)]
+    fig, axes = plt.subplots(1, max(1, len(present)), figsize=(4.5 * max(1, len(present)), 3.8),
+                             squeeze=False, layout="constrained")
     for ax, metric in zip(axes[0], present):
-        for key, style, label in (("central", "-o", "central"), ("federated", "--s", "federated (sites' test splits)")):
-            pts = [(r["round"], (r.get(key) or {}).get(metric)) for r in records]
-            pts = [(x, y) for x, y in pts if y is not None]
+        for key, style, label in (("central", "-o", "central (coordinator's eval set)"),
+                                  ("federated", "--s", "federated (sites' own test rows)")):
+            pts = _points(records, key, metric)
             if pts:
-                ax.plot(*zip(*pts), style, label=label)
-        ax.set_title(metric)
-        ax.set_xlabel("round")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
+                ax.plot(*zip(*pts), style, label=label, markersize=4)
+        ys = [y for _, y in _points(records, "central", metric)]
+        if metric == "perplexity" and min(ys) > 0 and max(ys) / min(ys) > 50:
+            ax.set_yscale("log")  # the untrained model's perplexity dwarfs the rest
+        _style(ax, metric, metric)
         ax.legend(fontsize=8)
-    fig.tight_layout()
+    if not present:
+        _style(axes[0][0], "central evaluation", "")
+        _empty(axes[0][0], "no central metrics recorded")
     central = folder / "central.png"
     fig.savefig(central, dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    sites = sorted({s for r in records for s in (r.get("sites") or {})})
+    fig, ax = plt.subplots(figsize=(6, 3.8), layout="constrained")
+    sites = sorted({s for r in records for s in (r.get("sites") or {})}, key=_site_order)
+    drawn = 0
     for site in sites:
-        pts = [(r["round"], r["sites"][site].get("epsilon")) for r in records if site in (r.get("sites") or {})]
+        # A site not sampled in a round has no entry: its line skips that round.
+        pts = [(r["round"], (r["sites"][site] or {}).get("epsilon")) for r in records
+               if site in (r.get("sites") or {})]
         pts = [(x, y) for x, y in pts if y is not None]
         if pts:
-            ax.plot(*zip(*pts), "-o", label=site)
-    target = next((r.get("target_epsilon") for r in records if r.get("target_epsilon")), None)
-    if target:
-        ax.axhline(target, linestyle=":", color="grey", label=f"target {target:g}")
-    ax.set_xlabel("round")
-    ax.set_ylabel("epsilon (cumulative)")
-    ax.set_title("privacy spent per site")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(alpha=0.3)
-    if sites or target:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+            ax.plot(*zip(*pts), "-o", label=site, markersize=4)
+            drawn += 1
+    targets = [r["target_epsilon"] for r in records if r.get("target_epsilon") is not None]
+    if targets:
+        ax.axhline(targets[-1], linestyle=":", color="black", label=f"target {targets[-1]:g}")
+    _style(ax, "privacy spent per site", "epsilon (cumulative)")
+    if drawn or targets:
+        # Outside the axes, in columns, so many sites do not cover the lines.
+        fig.legend(fontsize=7, loc="outside right upper", ncol=1 + (drawn + 1) // 16)
+    if not drawn:
+        _empty(ax, "no epsilon recorded (DP off, or no round finished)")
     eps = folder / "epsilon.png"
     fig.savefig(eps, dpi=110)
     plt.close(fig)

@@ -1,35 +1,57 @@
-"""The table printed at the end of a federated run."""
+"""The table printed at the end of a federated run (plain text: no rich, no pandas)."""
 
 from __future__ import annotations
+
+import math
 
 
 def _fmt(value) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
+        if math.isfinite(value) and abs(value) >= 1000:
+            return f"{value:.0f}"  # 12345 rather than 1.234e+04 (perplexity, seconds)
         return f"{value:.4g}"
     return str(value)
 
 
+def _mb(counts: dict | None) -> float | None:
+    # Round 0 (evaluation only) moves no bytes: shown as "-".
+    return sum(counts.values()) / 1e6 if counts else None
+
+
 def format_summary(records: list[dict]) -> str:
-    causal = any("perplexity" in (r.get("central") or {}) for r in records)
-    metrics = ["perplexity", "loss"] if causal else ["accuracy", "f1", "loss"]
-    header = ["round", *[f"central {m}" for m in metrics], "fed " + metrics[0], "max eps", "MB up", "MB down", "s"]
+    if not records:
+        return "no rounds recorded"
+    causal = any("perplexity" in (r.get(k) or {}) for r in records for k in ("central", "federated"))
+    metrics = ["loss", "perplexity"] if causal else ["accuracy", "f1", "loss"]
+    fed_metric = "perplexity" if causal else "accuracy"
+    header = ["round", *metrics, f"fed {fed_metric}", "max eps", "MB up", "MB down", "seconds"]
     rows = []
     for r in records:
         central, fed = r.get("central") or {}, r.get("federated") or {}
-        eps = [s.get("epsilon") for s in (r.get("sites") or {}).values() if s.get("epsilon") is not None]
-        rows.append([
-            r["round"], *[central.get(m) for m in metrics], fed.get(metrics[0]), max(eps) if eps else None,
-            sum((r.get("bytes_up") or {}).values()) / 1e6 or None,
-            sum((r.get("bytes_down") or {}).values()) / 1e6 or None, r.get("seconds"),
-        ])
+        eps = [s.get("epsilon") for s in (r.get("sites") or {}).values() if (s or {}).get("epsilon") is not None]
+        rows.append([r.get("round"), *[central.get(m) for m in metrics], fed.get(fed_metric),
+                     max(eps) if eps else None, _mb(r.get("bytes_up")), _mb(r.get("bytes_down")),
+                     r.get("seconds")])
     cells = [header] + [[_fmt(v) for v in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
-    scored = [(r["round"], (r.get("central") or {}).get(metrics[0])) for r in records]
-    scored = [(rnd, v) for rnd, v in scored if v is not None]
-    if scored:
-        best = (min if causal else max)(scored, key=lambda x: x[1])
-        lines.append(f"best round: {best[0]} (central {metrics[0]} {_fmt(best[1])})")
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append(_best(records, causal))
     return "\n".join(lines)
+
+
+def _best(records: list[dict], causal: bool) -> str:
+    # Highest central accuracy; lowest central loss for causal LM (or when no accuracy exists).
+    def scored(metric):
+        pts = [(r.get("round"), (r.get("central") or {}).get(metric)) for r in records]
+        return [(rnd, v) for rnd, v in pts if isinstance(v, (int, float)) and not math.isnan(v)]
+
+    if not causal and scored("accuracy"):
+        rnd, v = max(scored("accuracy"), key=lambda p: p[1])
+        return f"best round: {rnd} (central accuracy {_fmt(v)})"
+    if scored("loss"):
+        rnd, v = min(scored("loss"), key=lambda p: p[1])
+        return f"best round: {rnd} (central loss {_fmt(v)})"
+    return "best round: - (no central evaluation recorded)"
