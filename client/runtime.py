@@ -19,7 +19,7 @@ from fedtune.data import LabelMap, SiteData, pad_collate
 from fedtune.data.cleaning import CleaningReport, clean_rows
 from fedtune.data.readers import read_table
 from fedtune.data.site import data_columns, encode_rows, hold_out
-from fedtune.local import seed_everything
+from fedtune.local import Site, seed_everything
 from fedtune.model import build_model, load_tokenizer, resolve_device
 from fedtune.training.precision import resolve_precision
 from fedtune.training.trainer import dp_sample_rate, steps_per_epoch
@@ -28,14 +28,10 @@ from .settings import SiteSettings
 
 
 @dataclass
-class SiteRuntime:
-    cfg: FedTuneConfig
-    settings: SiteSettings
-    data: SiteData
-    model: torch.nn.Module
-    collate: object
-    device: torch.device
-    precision: str
+class SiteRuntime(Site):
+    """A ``Site`` (model, data, device) plus the site agent's own settings."""
+
+    settings: Optional[SiteSettings] = None
 
     @property
     def num_train(self) -> int:
@@ -108,7 +104,7 @@ def _build(config_toml: str, settings: SiteSettings) -> SiteRuntime:
     )
     id2label = dict(enumerate(label_map.labels)) if label_map is not None else None
     model = build_model(cfg.model, cfg.lora, tokenizer, id2label, device, cfg.train.seed)
-    return SiteRuntime(cfg, settings, data, model, pad_collate(tokenizer.pad_token_id), device, precision)
+    return SiteRuntime(cfg, data, model, pad_collate(tokenizer.pad_token_id), device, precision, settings)
 
 
 def state_dir(settings: SiteSettings, site_state_root: str) -> Optional[Path]:

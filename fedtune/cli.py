@@ -38,6 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     p.set_defaults(func=_cmd_simulate)
 
+    p = sub.add_parser("privacy", help="privacy tools: `privacy plan` shows what a planned run costs each site")
+    privacy_sub = p.add_subparsers(dest="privacy_command", metavar="PRIVACY_COMMAND", required=True)
+    pp = privacy_sub.add_parser("plan", help="noise multiplier and epsilon per site for the planned run")
+    _add_config_args(pp)
+    pp.add_argument("--examples", type=str, default=None, metavar="N[,N...]",
+                    help="training examples per site (default: the config's simulated split)")
+    pp.set_defaults(func=_cmd_privacy_plan)
+
     p = sub.add_parser("show-config", help="print the resolved config (defaults + file + overrides)")
     _add_config_args(p)
     p.set_defaults(func=_cmd_show_config)
@@ -78,6 +86,32 @@ def _cmd_simulate(args) -> int:
     print(f"\nfedtune simulate -> {args.out} ({ended})")
     print(format_summary(read_records(args.out / "metrics.jsonl")))
     return 0 if ended != "interrupted" else 3
+
+
+def _site_sizes(cfg) -> list[tuple[str, int]]:
+    from fedtune.federation.dataset import federated_rows, site_id
+
+    fraction = cfg.federation.site_test_fraction
+    sizes = []
+    for i, rows in enumerate(federated_rows(cfg).sites):
+        held = max(1, round(len(rows) * fraction)) if fraction > 0 and len(rows) >= 2 else 0
+        sizes.append((site_id(i), len(rows) - held))
+    return sizes
+
+
+def _cmd_privacy_plan(args) -> int:
+    from fedtune.privacy.plan import format_plans, plan_site
+
+    cfg = _load(args)
+    if args.examples:
+        sizes = [(f"site-{i}", int(n)) for i, n in enumerate(args.examples.split(","))]
+    else:
+        sizes = _site_sizes(cfg)
+    plans = [plan_site(cfg, site, n) for site, n in sizes]
+    print(f"{cfg.federation.rounds} rounds x {cfg.train.epochs} local epochs, target epsilon "
+          f"{cfg.privacy.target_epsilon:g} at delta {cfg.privacy.target_delta:g} ({cfg.privacy.accountant})")
+    print(format_plans(plans))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,12 +25,16 @@ def save_checkpoint(folder: Path, rnd: int, arrays: "OrderedDict[str, np.ndarray
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".round-", dir=folder))
-    with open(tmp / "adapter.npz", "wb") as fh:
-        np.savez(fh, **{f"{i:04d}": a for i, a in enumerate(arrays.values())})
-    atomic_write_json(tmp / "names.json", list(arrays.keys()))
-    atomic_write_json(tmp / "state.json", {**state, "round": rnd})
     final = folder / f"round-{rnd:04d}"
-    atomic_replace_dir(tmp, final)
+    try:
+        with open(tmp / "adapter.npz", "wb") as fh:
+            np.savez(fh, **{f"{i:04d}": a for i, a in enumerate(arrays.values())})
+        atomic_write_json(tmp / "names.json", list(arrays.keys()))
+        atomic_write_json(tmp / "state.json", {**state, "round": rnd})
+        atomic_replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     atomic_write_json(folder / "latest.json", {"round": rnd, "path": final.name})
     for old in sorted(folder.glob("round-*"))[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)

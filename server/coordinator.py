@@ -274,7 +274,8 @@ class RunRecorder:
 
     def privacy_json(self) -> dict:
         return {"sites": self.privacy, "target_epsilon": self.cfg.privacy.target_epsilon,
-                "delta": self.cfg.privacy.target_delta, "enabled": self.cfg.privacy.enabled}
+                "delta": self.cfg.privacy.target_delta, "enabled": self.cfg.privacy.enabled,
+                "secure_aggregation": self.run.secagg is not None}
 
 
 def _finite(value: float) -> Optional[float]:
@@ -320,6 +321,7 @@ def execute_run(grid, context, run: PreparedRun, stop_after_round: Optional[int]
 
 def _finalize(run: PreparedRun, recorder: RunRecorder) -> None:
     from fedtune.federation.plots import write_plots
+    from fedtune.federation.privacy_report import write_privacy_report
 
     out = run.out_dir
     run.evaluator.export(recorder.latest_arrays, out / "final" / "adapter")
@@ -332,6 +334,7 @@ def _finalize(run: PreparedRun, recorder: RunRecorder) -> None:
 
         LabelMap(run.cfg.data.labels).save(out / "label_map.json")
     atomic_write_json(out / "privacy.json", recorder.privacy_json())
+    write_privacy_report(recorder.privacy_json(), out / "privacy.md")
     records = read_records(out / "metrics.jsonl")
     write_plots(records, out / "plots")
 

@@ -199,3 +199,44 @@ def test_max_weight_below_a_sites_examples_is_refused(tiny_models, site_files, t
     cfg = fed_config(tiny_models["bert"], files, held, ["federation.secagg_max_weight=5"])
     with pytest.raises(SecAggSettingsError, match="max_weight"):
         prepare_run(cfg, tmp_path / "x")
+
+
+@pytest.mark.slow
+def test_flwr_run_on_the_flower_app(tiny_models, tmp_path):
+    """`flwr run .` (Flower's own CLI, local simulation) runs fedtune's ServerApp and ClientApp."""
+    import os
+    import shutil
+    import subprocess
+
+    import psutil
+
+    repo = Path(__file__).resolve().parents[1]
+    train = tiny.write_csv(tiny.separable_rows(240, seed=1), tmp_path / "train.csv")
+    config = tmp_path / "fed.toml"
+    config.write_text(
+        f'[model]\nname = "{tiny_models["bert"]}"\nmax_length = 24\n[lora]\nr = 4\n'
+        f'[data]\ntrain = "{train}"\n[train]\nbatch_size = 32\n'
+        '[federation]\nsites = 3\nrounds = 1\npartition = "iid"\n'
+    )
+    out = tmp_path / "out"
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    flwr = shutil.which("flwr") or str(Path(os.sys.executable).parent / "flwr")
+    try:
+        proc = subprocess.run(
+            [flwr, "run", str(repo), "local", "--federation-config", "num-supernodes=3",
+             "--run-config", f'config="{config}" out="{out}"', "--stream"],
+            env=env, capture_output=True, text=True, timeout=600,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        records = read_records(out / "metrics.jsonl")
+        assert [r["round"] for r in records] == [0, 1]
+        assert (out / "final" / "adapter" / "adapter_config.json").is_file()
+    finally:
+        # flwr run starts a background SuperLink under this FLWR_HOME: stop it.
+        for p in psutil.process_iter(["cmdline", "environ"]):
+            try:
+                if "flower-superlink" in " ".join(p.info["cmdline"] or []) and \
+                        (p.info["environ"] or {}).get("FLWR_HOME") == env["FLWR_HOME"]:
+                    p.kill()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass

@@ -121,8 +121,8 @@ def _assert_png(path, min_bytes=5000):
     assert len(data) > min_bytes
 
 
-@pytest.mark.parametrize("records", [_classification_records(), _causal_records(), _classification_records()[:1]],
-                         ids=["classification", "causal-lm", "one-round"])
+# causal-lm is also the one-round case (round 0 evaluation + round 1), with sites lacking epsilon.
+@pytest.mark.parametrize("records", [_classification_records(), _causal_records()], ids=["classification", "causal-lm"])
 def test_write_plots(tmp_path, records):
     paths = write_plots(records, tmp_path / "plots")
     assert [p.name for p in paths] == ["central.png", "epsilon.png"]
