@@ -16,10 +16,11 @@ from flwr.client import NumPyClient
 from fedtune.adapters import get_adapter_arrays, set_adapter_arrays, trainable_parameters
 from fedtune.evaluation import evaluate
 from fedtune.federation.messages import RoundInstructions, SiteEvalReport, SiteReport
-from fedtune.privacy.accounting import AccountantHistory, calibrate_noise_multiplier
+from fedtune.privacy.accounting import AccountantHistory, compute_epsilon
+from fedtune.privacy.ledger import PrivacyLedger
 from fedtune.training.trainer import LocalTrainer
 
-from .ledger import RunLedger
+from .budget import BudgetRefusal, check_round, choose_noise, site_privacy
 from .runtime import SiteRuntime, site_runtime, state_dir
 from .settings import SiteSettings
 
@@ -45,18 +46,6 @@ class SiteClient(NumPyClient):
         set_adapter_arrays(site.model, dict(zip(names, parameters)))
         return site
 
-    def _noise_multiplier(self, site: SiteRuntime, instr: RoundInstructions) -> float:
-        """Calibrated for every planned round of the run (rounds x local steps), never per round."""
-        privacy = site.cfg.privacy
-        if privacy.noise_multiplier is not None:
-            return privacy.noise_multiplier
-        return calibrate_noise_multiplier(
-            privacy.target_epsilon, privacy.target_delta, site.sample_rate(),
-            instr.rounds * site.steps_per_round(), privacy.accountant,
-        )
-
-    # -- Flower ---------------------------------------------------------------------------
-
     def fit(self, parameters, config):
         instr = RoundInstructions.from_record(config)
         site = self._runtime(instr, parameters)
@@ -68,35 +57,52 @@ class SiteClient(NumPyClient):
         steps = site.steps_per_round()
         seed = round_seed(cfg.train.seed, self.settings.site_id, instr.round)
         torch.manual_seed(seed)
-        ledger = None
-        history = None
-        noise = 0.0
-        if cfg.privacy.enabled:
-            folder = state_dir(self.settings, instr.site_state_root)
-            ledger = RunLedger(folder, instr.run_id, cfg.privacy.accountant) if folder else None
-            history = ledger.load() if ledger else AccountantHistory(mechanism=cfg.privacy.accountant)
-            noise = self._noise_multiplier(site, instr)
+        privacy, own = site_privacy(cfg, self.settings)
+        ledger = PrivacyLedger(state_dir(self.settings, instr.site_state_root) / "privacy-ledger.jsonl")
+        prior, this_run, noise = [], [], 0.0
+        if privacy.enabled:
+            entries = [e for e in ledger.entries() if e.dataset == site.fingerprint]
+            prior = [_spend(e) for e in entries if e.run_id != instr.run_id]
+            this_run = [_spend(e) for e in entries if e.run_id == instr.run_id]
+            try:
+                noise = choose_noise(privacy, own, site.sample_rate(), instr.rounds * steps, prior)
+                check_round(privacy, own, prior + this_run, noise, site.sample_rate(), steps)
+            except BudgetRefusal as refusal:
+                # Refuse before any step: the reply is an error, so no update leaves the site.
+                log.warning("%s refuses round %d: %s", self.settings.site_id, instr.round, refusal)
+                raise
         trainer = LocalTrainer(
-            site.model, site.data.train, site.collate, cfg.model.task, cfg.train, cfg.privacy,
-            site.device, site.precision, noise_multiplier=noise, history=history, seed=seed,
-            proximal_mu=instr.proximal_mu,
+            site.model, site.data.train, site.collate, cfg.model.task, cfg.train, privacy,
+            site.device, site.precision, noise_multiplier=noise, seed=seed, proximal_mu=instr.proximal_mu,
+            history=AccountantHistory(mechanism=privacy.accountant, history=this_run) if privacy.enabled else None,
         )
         result = trainer.train(steps, lr_step_offset=(instr.round - 1) * steps, lr_total_steps=instr.rounds * steps,
                                desc=self.settings.site_id)
         site.model = trainer.close()
-        if ledger is not None:
-            ledger.save(result.history, ledger.rounds() + [instr.round])
+        epsilon_run = epsilon_total = math.inf
+        if privacy.enabled:
+            # Recorded before the update is released: what leaves the site is always in the ledger.
+            ledger.append({
+                "dataset": site.fingerprint, "run_id": instr.run_id, "round": instr.round, "steps": result.steps,
+                "sample_rate": result.sample_rate, "noise_multiplier": noise,
+                "max_grad_norm": privacy.max_grad_norm, "delta": privacy.target_delta,
+                "accountant": privacy.accountant,
+            })
+            spent_run = [*this_run, (noise, result.sample_rate, result.steps)]
+            epsilon_run = compute_epsilon(spent_run, privacy.target_delta, privacy.accountant)
+            epsilon_total = compute_epsilon(prior + spent_run, privacy.target_delta, privacy.accountant)
         arrays = list(get_adapter_arrays(site.model).values())
         report = SiteReport(
             site=self.settings.site_id,
             train_loss=result.train_loss,
-            epsilon=result.epsilon(cfg.privacy.target_delta) if cfg.privacy.enabled else math.inf,
-            delta=cfg.privacy.target_delta,
+            epsilon=epsilon_run,
+            epsilon_total=epsilon_total,
+            delta=privacy.target_delta,
             noise_multiplier=noise,
-            max_grad_norm=cfg.privacy.max_grad_norm,
+            max_grad_norm=privacy.max_grad_norm,
             sample_rate=result.sample_rate,
-            steps=result.history.steps if result.history is not None else result.steps,
-            accountant=cfg.privacy.accountant if cfg.privacy.enabled else "none",
+            steps=sum(s for _, _, s in this_run) + result.steps,
+            accountant=privacy.accountant if privacy.enabled else "none",
             clipped_values=_clipped(arrays, site.num_train, instr),
         )
         return arrays, site.num_train, report.to_record()
@@ -111,6 +117,10 @@ class SiteClient(NumPyClient):
         report = SiteEvalReport(site=self.settings.site_id, accuracy=metrics.get("accuracy"),
                                 f1=metrics.get("f1"), perplexity=metrics.get("perplexity"))
         return float(metrics["loss"]), len(site.data.eval), report.to_record()
+
+
+def _spend(entry) -> tuple[float, float, int]:
+    return (entry.noise_multiplier, entry.sample_rate, entry.steps)
 
 
 def _clipped(arrays: list[np.ndarray], num_examples: int, instr: RoundInstructions) -> int:

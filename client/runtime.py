@@ -21,6 +21,7 @@ from fedtune.data.readers import read_table
 from fedtune.data.site import data_columns, encode_rows, hold_out
 from fedtune.local import Site, seed_everything
 from fedtune.model import build_model, load_tokenizer, resolve_device
+from fedtune.privacy.ledger import dataset_fingerprint
 from fedtune.training.precision import resolve_precision
 from fedtune.training.trainer import dp_sample_rate, steps_per_epoch
 
@@ -32,6 +33,7 @@ class SiteRuntime(Site):
     """A ``Site`` (model, data, device) plus the site agent's own settings."""
 
     settings: Optional[SiteSettings] = None
+    fingerprint: str = ""   # content hash of the site's data: the privacy ledger's key
 
     @property
     def num_train(self) -> int:
@@ -90,6 +92,9 @@ def _build(config_toml: str, settings: SiteSettings) -> SiteRuntime:
     tokenizer = load_tokenizer(cfg.model)
     rows, source = _site_rows(cfg, settings, config_toml)
     cols = data_columns(cfg.data, cfg.model.task)
+    fingerprint = dataset_fingerprint(
+        settings.data_path if not settings.simulated else ["\t".join(r) for r in rows[cols].itertuples(index=False)]
+    )
     label_map = LabelMap(cfg.data.labels) if cfg.data.labels else None
     test_fraction = settings.test_fraction if settings.test_fraction is not None else cfg.federation.site_test_fraction
     test = None
@@ -104,12 +109,14 @@ def _build(config_toml: str, settings: SiteSettings) -> SiteRuntime:
     )
     id2label = dict(enumerate(label_map.labels)) if label_map is not None else None
     model = build_model(cfg.model, cfg.lora, tokenizer, id2label, device, cfg.train.seed)
-    return SiteRuntime(cfg, data, model, pad_collate(tokenizer.pad_token_id), device, precision, settings)
+    return SiteRuntime(cfg, data, model, pad_collate(tokenizer.pad_token_id), device, precision, settings, fingerprint)
 
 
-def state_dir(settings: SiteSettings, site_state_root: str) -> Optional[Path]:
+def state_dir(settings: SiteSettings, site_state_root: str) -> Path:
+    """Where the site keeps its privacy ledger: its own state-dir, the simulation's folder for
+    simulated sites, else ~/.fedtune/sites/<site-id>."""
     if settings.state_dir is not None:
         return settings.state_dir
     if site_state_root:
         return Path(site_state_root) / settings.site_id
-    return None
+    return Path.home() / ".fedtune" / "sites" / settings.site_id

@@ -24,6 +24,12 @@ class SiteSettings(BaseModel):
     # A site that requires SecAgg+ refuses to send a plain update.
     require_secure_aggregation: bool = Field(True, alias="require-secure-aggregation")
     partition_id: Optional[int] = Field(None, alias="partition-id")  # simulation only
+    # The site's own privacy budget (see fedtune.config.SitePrivacy); unset: the run's.
+    target_epsilon: Optional[float] = Field(None, alias="target-epsilon", gt=0)
+    target_delta: Optional[float] = Field(None, alias="target-delta", gt=0, lt=1)
+    max_grad_norm: Optional[float] = Field(None, alias="max-grad-norm", gt=0)
+    lifetime_epsilon: Optional[float] = Field(None, alias="lifetime-epsilon", gt=0)
+    max_noise_multiplier: Optional[float] = Field(None, alias="max-noise-multiplier", gt=0)
 
     @property
     def simulated(self) -> bool:

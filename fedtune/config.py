@@ -107,6 +107,17 @@ class PrivacyConfig(_Section):
     grad_sample_mode: Literal["hooks", "ghost"] = "hooks"
 
 
+class SitePrivacy(_Section):
+    """One site's own privacy settings; unset keys follow [privacy]. In a deployment the site
+    sets these itself in its node config (kebab-case keys)."""
+
+    target_epsilon: Optional[float] = Field(None, gt=0)       # this run's budget at the site
+    target_delta: Optional[float] = Field(None, gt=0, lt=1)
+    max_grad_norm: Optional[float] = Field(None, gt=0)
+    lifetime_epsilon: Optional[float] = Field(None, gt=0)     # the site's cap over all runs on its data
+    max_noise_multiplier: float = Field(20.0, gt=0)           # more noise than this: refuse instead
+
+
 class FederationConfig(_Section):
     sites: int = Field(3, ge=1)
     rounds: int = Field(3, ge=1)
@@ -130,6 +141,10 @@ class FederationConfig(_Section):
     early_stopping_patience: int = Field(0, ge=0)  # rounds without improvement; 0: off
     early_stopping_metric: Literal["accuracy", "f1", "loss", "perplexity"] = "accuracy"
     merge_final: bool = False                     # also save the base model with the adapter merged
+    # Simulation: each site's privacy settings, by site id ("site-0", ...), and where the
+    # simulated sites keep their state (privacy ledger); default: the run directory's sites/.
+    site_privacy: dict[str, SitePrivacy] = {}
+    site_state_dir: Optional[Path] = None
 
     @model_validator(mode="after")
     def _files_match_sites(self) -> "FederationConfig":
@@ -221,6 +236,8 @@ def _resolve_paths(raw: dict, base: Path) -> None:
     federation = raw.get("federation")
     if isinstance(federation, dict) and isinstance(federation.get("site_files"), list):
         federation["site_files"] = [absolute(v) for v in federation["site_files"]]
+    if isinstance(federation, dict) and federation.get("site_state_dir"):
+        federation["site_state_dir"] = absolute(federation["site_state_dir"])
 
 
 def load_config(

@@ -114,6 +114,9 @@ class RunRecorder:
     current: dict = field(default_factory=dict)
     latest_arrays: Optional[list] = None
     round_started: float = 0.0
+    sampled: set = field(default_factory=set)
+    excluded: set = field(default_factory=set)
+    refused: dict = field(default_factory=dict)
 
     def __post_init__(self):
         s = self.run.state
@@ -143,7 +146,8 @@ class RunRecorder:
             max_weight=secagg.max_weight if secagg else 0.0,
             clipping_range=secagg.clipping_range if secagg else 0.0,
             proximal_mu=self.cfg.federation.proximal_mu if self.cfg.federation.strategy == "fedprox" else 0.0,
-            site_state_root=str(self.run.out_dir / "sites") if self.run.simulated else "",
+            site_state_root=str(self.cfg.federation.site_state_dir or self.run.out_dir / "sites")
+            if self.run.simulated else "",
         )
         return instr.to_record()
 
@@ -173,10 +177,30 @@ class RunRecorder:
             self.current["central"] = metrics
         return float(metrics["loss"]), {k: v for k, v in metrics.items() if k != "loss"}
 
+    # -- sites that refuse (budget spent) or fail are left out of later rounds ---------------
+
+    def select(self, server_round: int, instructions: list) -> list:
+        """Drop excluded sites from a round's sample; end the run if too few remain."""
+        kept = [(proxy, ins) for proxy, ins in instructions if proxy.node_id not in self.excluded]
+        self.sampled = {proxy.node_id for proxy, _ in kept}
+        needed = 3 if self.run.secagg else 1
+        if len(kept) < needed:
+            raise StopRun(f"round {self.absolute(server_round)}: only {len(kept)} site(s) can still train, "
+                          f"{needed} needed{' for SecAgg+' if self.run.secagg else ''}; ending the run")
+        return kept
+
+    def _exclude_missing(self, server_round: int, results) -> None:
+        answered = {proxy.node_id for proxy, _ in results}
+        for node in sorted(self.sampled - answered):
+            site = self.node_site.get(node, f"node {node}")
+            log.warning("round %d: %s sent no update (it refused: privacy budget, or failed); leaving it "
+                        "out of later rounds", self.absolute(server_round), site)
+            self.excluded.add(node)
+            self.refused[node] = self.absolute(server_round)
+
     def on_fit(self, server_round: int, results, failures) -> None:
         self.current["failures"] = len(failures)
-        for failure in failures:
-            log.warning("round %d: a site failed to train: %s", self.absolute(server_round), failure)
+        self._exclude_missing(server_round, results)
         for proxy, res in results:
             report = SiteReport.from_record(res.metrics)
             self.node_site[proxy.node_id] = report.site
@@ -184,7 +208,7 @@ class RunRecorder:
                 "examples": res.num_examples, "train_loss": report.train_loss, "epsilon": _finite(report.epsilon),
             }
             self.privacy[report.site] = {
-                "epsilon": _finite(report.epsilon), "delta": report.delta, "noise_multiplier": report.noise_multiplier,
+                "epsilon": _finite(report.epsilon), "epsilon_total": _finite(report.epsilon_total), "delta": report.delta, "noise_multiplier": report.noise_multiplier,
                 "max_grad_norm": report.max_grad_norm, "steps": report.steps, "sample_rate": report.sample_rate,
                 "accountant": report.accountant, "target_epsilon": self.cfg.privacy.target_epsilon,
             }
@@ -275,7 +299,7 @@ class RunRecorder:
     def privacy_json(self) -> dict:
         return {"sites": self.privacy, "target_epsilon": self.cfg.privacy.target_epsilon,
                 "delta": self.cfg.privacy.target_delta, "enabled": self.cfg.privacy.enabled,
-                "secure_aggregation": self.run.secagg is not None}
+                "secure_aggregation": self.run.secagg is not None, "refused": {self.node_site.get(n, f"node {n}"): r for n, r in self.refused.items()}}
 
 
 def _finite(value: float) -> Optional[float]:
@@ -314,7 +338,7 @@ def execute_run(grid, context, run: PreparedRun, stop_after_round: Optional[int]
             log.info("%s", stop)
             if stop.interrupted:
                 return "interrupted"
-            ended = "early-stopped"
+            ended = f"ended early: {stop}"
     _finalize(run, recorder)
     return ended
 

@@ -25,7 +25,7 @@ def make_strategy(cfg: FedTuneConfig, initial: list[np.ndarray], recorder):
             recorder.start_round(server_round)
             # Which sites train is drawn from a seeded generator: same seeds, same run.
             random.seed(cfg.train.seed * 7_919 + recorder.absolute(server_round))
-            return super().configure_fit(server_round, parameters, client_manager)
+            return recorder.select(server_round, super().configure_fit(server_round, parameters, client_manager))
 
         def aggregate_fit(self, server_round, results, failures):
             recorder.on_fit(server_round, results, failures)

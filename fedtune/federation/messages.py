@@ -43,7 +43,8 @@ class SiteReport(_Flat):
 
     site: str
     train_loss: float
-    epsilon: float                    # cumulative, computed by the site's accountant
+    epsilon: float                    # this run so far, from the site's accountant
+    epsilon_total: float = 0.0        # every run on this data (the site's ledger), composed
     delta: float
     noise_multiplier: float
     max_grad_norm: float
