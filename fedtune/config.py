@@ -39,6 +39,10 @@ class LoraConfig(_Section):
     dropout: float = Field(0.05, ge=0, lt=1)
     # Empty: a default per architecture (see fedtune.model.default_target_modules).
     target_modules: list[str] = []
+    # FFA-LoRA: A is drawn from a_seed (the same at every party) and frozen; only B and the
+    # head are trained and sent, and averaging B under a shared A averages the products exactly.
+    freeze_a: bool = False
+    a_seed: int = 0
 
 
 class DataConfig(_Section):

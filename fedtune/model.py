@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -120,8 +121,28 @@ def add_lora(model: torch.nn.Module, cfg: LoraConfig, task: str) -> PeftModel:
         peft_model = get_peft_model(model, peft_cfg)
     except ValueError as exc:
         raise ModelLoadError(f"lora.target_modules = {targets}: {exc}") from None
+    if cfg.freeze_a:
+        freeze_lora_a(peft_model, cfg.a_seed)
     peft_model.train()  # from_pretrained returns eval mode; Opacus and dropout need train mode
     return peft_model
+
+
+def freeze_lora_a(model: torch.nn.Module, seed: int) -> None:
+    """FFA-LoRA: redraw every LoRA A from ``seed`` alone (not the global RNG, not the head's
+    initialisation), with peft's own distribution (kaiming-uniform, a=sqrt(5): U(+-1/sqrt(fan_in))),
+    and freeze it, so every party holds bit-identical A matrices that never change."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, module in model.named_modules():
+            lora_a = getattr(module, "lora_A", None)
+            if not isinstance(lora_a, torch.nn.ModuleDict):
+                continue
+            for key in sorted(lora_a.keys()):
+                weight = lora_a[key].weight
+                bound = 1.0 / math.sqrt(weight.shape[1])
+                values = (torch.rand(weight.shape, generator=generator, dtype=torch.float32) * 2 - 1) * bound
+                weight.copy_(values.to(weight.device, weight.dtype))
+                weight.requires_grad_(False)
 
 
 def build_model(

@@ -240,3 +240,24 @@ def test_flwr_run_on_the_flower_app(tiny_models, tmp_path):
                     p.kill()
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
+
+
+@pytest.mark.slow
+def test_ffa_lora_sends_only_b_and_keeps_a_identical(tiny_models, site_files, tmp_path):
+    from fedtune.local import prepare_site
+    from tests.helpers import tiny_config
+
+    files, held = site_files
+    cfg = fed_config(tiny_models["bert"], files, held, ["lora.freeze_a=true"])
+    out = tmp_path / "ffa"
+    simulate(cfg, out, cpus=2)
+    names = list(load_latest(out / "checkpoints")[1])
+    assert names and not any("lora_A" in n for n in names)  # the global adapter sent around: B + head
+    from safetensors.numpy import load_file
+
+    saved = load_file(str(out / "final" / "adapter" / "adapter_model.safetensors"))
+    fresh = prepare_site(tiny_config(tiny_models["bert"], files[0], overrides=["lora.freeze_a=true"])).model
+    for name, param in fresh.named_parameters():
+        if "lora_A" in name:
+            key = next(k for k in saved if k.replace(".weight", "") in name.replace(".default", ""))
+            assert np.array_equal(saved[key], param.detach().numpy()), name
