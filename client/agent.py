@@ -22,14 +22,10 @@ from fedtune.training.trainer import LocalTrainer
 
 from .budget import BudgetRefusal, check_round, choose_noise, site_privacy
 from .runtime import SiteRuntime, site_runtime, state_dir
+from .secret import round_seed, site_key
 from .settings import SiteSettings
 
 log = logging.getLogger(__name__)
-
-
-def round_seed(base: int, site_id: str, rnd: int) -> int:
-    # Same seeds, same run: a resumed run draws exactly what an uninterrupted one would.
-    return (base * 1_000_003 + sum(map(ord, site_id)) * 7_919 + rnd) % (2**31)
 
 
 class SiteClient(NumPyClient):
@@ -55,10 +51,12 @@ class SiteClient(NumPyClient):
                 f"{self.settings.site_id}: {site.num_train} examples exceed SecAgg+ max_weight {instr.max_weight}"
             )
         steps = site.steps_per_round()
-        seed = round_seed(cfg.train.seed, self.settings.site_id, instr.round)
+        folder = state_dir(self.settings, instr.site_state_root)
+        # Secret to the site (not the coordinator's train.seed), the same again on resume.
+        seed = round_seed(site_key(folder), instr.run_id, instr.round)
         torch.manual_seed(seed)
         privacy, own = site_privacy(cfg, self.settings)
-        ledger = PrivacyLedger(state_dir(self.settings, instr.site_state_root) / "privacy-ledger.jsonl")
+        ledger = PrivacyLedger(folder / "privacy-ledger.jsonl")
         prior, this_run, noise = [], [], 0.0
         if privacy.enabled:
             entries = [e for e in ledger.entries() if e.dataset == site.fingerprint]
@@ -73,7 +71,8 @@ class SiteClient(NumPyClient):
                 raise
         trainer = LocalTrainer(
             site.model, site.data.train, site.collate, cfg.model.task, cfg.train, privacy,
-            site.device, site.precision, noise_multiplier=noise, seed=seed, proximal_mu=instr.proximal_mu,
+            site.device, site.precision, noise_multiplier=noise, seed=seed, noise_seed=seed,
+            proximal_mu=instr.proximal_mu,
             history=AccountantHistory(mechanism=privacy.accountant, history=this_run) if privacy.enabled else None,
         )
         result = trainer.train(steps, lr_step_offset=(instr.round - 1) * steps, lr_total_steps=instr.rounds * steps,

@@ -149,6 +149,8 @@ class FederationConfig(_Section):
     # simulated sites keep their state (privacy ledger); default: the run directory's sites/.
     site_privacy: dict[str, SitePrivacy] = {}
     site_state_dir: Optional[Path] = None
+    # The run's name in the sites' ledgers; default: a fresh random id per run.
+    run_id: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9._-]{1,64}$")
 
     @model_validator(mode="after")
     def _files_match_sites(self) -> "FederationConfig":

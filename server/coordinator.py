@@ -86,7 +86,7 @@ def prepare_run(cfg: FedTuneConfig, out_dir: Path, resume: bool = False, simulat
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"labels": rows.label_map.labels})})
     evaluator = CentralEvaluator(cfg, rows.central, rows.columns, rows.label_map, rows.central_source)
     initial = list(evaluator.initial_arrays().values())
-    offset, state, run_id = 0, {}, uuid.uuid4().hex[:12]
+    offset, state, run_id = 0, {}, cfg.federation.run_id or uuid.uuid4().hex[:12]
     if latest is not None:
         offset, arrays, state = latest
         initial, run_id = list(arrays.values()), state["run_id"]

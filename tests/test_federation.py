@@ -145,8 +145,14 @@ def test_no_raw_text_or_token_ids_leave_a_site(tiny_models, site_files, tmp_path
 @pytest.mark.slow
 def test_resume_after_interruption_equals_uninterrupted_run(tiny_models, site_files, tmp_path):
     files, held = site_files
-    cfg = fed_config(tiny_models["bert"], files, held)
+    cfg = fed_config(tiny_models["bert"], files, held, ["federation.run_id=resume-test"])
     full, part = tmp_path / "full", tmp_path / "part"
+    # Each site's noise comes from its own secret key: give each site the same key in both runs.
+    for i in range(3):
+        key = bytes([i + 1]) * 32
+        for run in (full, part):
+            (run / "sites" / f"site-{i}").mkdir(parents=True)
+            (run / "sites" / f"site-{i}" / "dp-noise.key").write_bytes(key)
     assert simulate(cfg, full, cpus=2) == "completed"
     assert simulate(cfg, part, stop_after_round=1, cpus=2) == "interrupted"
     assert load_latest(part / "checkpoints")[0] == 1

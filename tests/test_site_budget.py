@@ -107,3 +107,16 @@ def test_a_second_run_starts_from_the_budget_already_spent(tiny_models, four_sit
     assert second["site-0"]["noise_multiplier"] > first["site-0"]["noise_multiplier"]
     assert 2.4 < second["site-0"]["epsilon_total"] <= 2.5 + 1e-6
     assert len({e.run_id for e in _ledger(state, "site-0").entries()}) == 2
+
+
+def test_site_noise_key_is_private_and_stable(tmp_path):
+    import os
+    import stat
+
+    from fedtune.client.secret import round_seed, site_key
+
+    key = site_key(tmp_path)
+    assert stat.S_IMODE(os.stat(tmp_path / "dp-noise.key").st_mode) == 0o600
+    assert site_key(tmp_path) == key  # never overwritten: a resumed run draws the same noise
+    assert round_seed(key, "run", 1) == round_seed(key, "run", 1) != round_seed(key, "run", 2)
+    assert round_seed(site_key(tmp_path / "other"), "run", 1) != round_seed(key, "run", 1)

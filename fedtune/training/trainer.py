@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -30,8 +31,8 @@ log = logging.getLogger(__name__)
 
 # Expected with a frozen base: the first hooked module's inputs need no gradient.
 warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
-# fedtune's noise comes from a seeded torch generator (reproducible runs); Opacus's secure_mode
-# (a cryptographic RNG) is a separate, slower setting.
+# fedtune seeds Opacus's noise generator from a secret (a site's key or the OS's secure random
+# source), not from the run's public seed; Opacus's secure_mode (a CSPRNG per draw) is slower.
 warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
 
 
@@ -75,6 +76,7 @@ class LocalTrainer:
         history: Optional[AccountantHistory] = None,
         seed: int = 0,
         proximal_mu: float = 0.0,
+        noise_seed: Optional[int] = None,
     ):
         if len(dataset) == 0:
             raise ValueError("cannot train on an empty dataset")
@@ -96,6 +98,9 @@ class LocalTrainer:
                 "privacy.grad_sample_mode = 'ghost' supports sequence-classification in fp32/bf16 only; use 'hooks'"
             )
         self._generator = torch.Generator().manual_seed(seed)
+        # DP noise must be unpredictable to whoever sees the result: unless a caller passes a
+        # seed it keeps secret (a site's key), it comes from the OS's secure random source.
+        self._noise_seed = noise_seed if noise_seed is not None else secrets.randbits(62)
         self.params = list(trainable_parameters(model).values())
         if not self.params:
             raise ValueError("the model has no trainable parameters")
@@ -138,9 +143,7 @@ class LocalTrainer:
             poisson_sampling=True,
             grad_sample_mode=self.privacy.grad_sample_mode,
             criterion=torch.nn.CrossEntropyLoss(),
-            noise_generator=torch.Generator(device=self.device).manual_seed(
-                int(torch.randint(0, 2**62, (1,), generator=self._generator))
-            ),
+            noise_generator=torch.Generator(device=self.device).manual_seed(self._noise_seed),
         )
         if self.privacy.grad_sample_mode == "ghost":
             self.model, self.optimizer, self.criterion, self.loader = out
