@@ -97,3 +97,26 @@ def test_checkpoint_write_is_atomic_and_keeps_the_previous_one(tmp_path, monkeyp
     rnd, arrays, state = load_latest(tmp_path)
     assert rnd == 1 and np.array_equal(arrays["a"], np.ones(3, np.float32))
     assert not list(tmp_path.glob(".round-*")), "a failed write leaves no half-written folder"
+
+
+def test_merged_export_is_a_plain_model_with_the_same_logits(tiny_models, separable_files, tmp_path):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from fedtune.federation.dataset import federated_rows
+    from fedtune.server.central_eval import CentralEvaluator
+
+    cfg = load_config(None, [f'model.name="{tiny_models["bert"]}"', "model.max_length=24", "lora.r=4",
+                             f'data.train="{separable_files["train"]}"', "federation.partition=iid"])
+    rows = federated_rows(cfg)
+    ev = CentralEvaluator(cfg, rows.central, rows.columns, rows.label_map, rows.central_source)
+    arrays = [a + 0.05 for a in ev.initial_arrays().values()]  # a non-trivial adapter
+    ev.export_merged(arrays, tmp_path / "merged")
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    batch = ev.collate([ev.dataset[i] for i in range(4)])
+    ev.model.eval()
+    with torch.no_grad():
+        want = ev.model(input_ids=batch[0], attention_mask=batch[1]).logits
+        got = merged(input_ids=batch[0], attention_mask=batch[1]).logits
+    assert torch.allclose(want, got, atol=1e-5)
