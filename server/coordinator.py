@@ -17,7 +17,7 @@ from flwr.server import LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
 from fedtune.config import FedTuneConfig, save_config
-from fedtune.data import DataError, LabelMap, read_table
+from fedtune.data import LabelMap, read_table
 from fedtune.data.cleaning import clean_rows
 from fedtune.data.site import data_columns
 from fedtune.federation.dataset import FederatedRows, federated_rows
@@ -164,7 +164,6 @@ class RunRecorder:
         self.current = {"round": self.absolute(server_round), "sites": {}, "failures": 0}
 
     def central_evaluate(self, server_round: int, arrays: list[np.ndarray], config: dict):
-        rnd = self.absolute(server_round)
         self.latest_arrays = [np.asarray(a, dtype=np.float32) for a in arrays]
         metrics = self.run.evaluator.evaluate(self.latest_arrays)
         metrics.pop("examples", None)
@@ -367,4 +366,3 @@ def read_records(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-__all__ = ["PreparedRun", "RunError", "DataError", "prepare_run", "execute_run", "read_records"]
