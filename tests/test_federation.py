@@ -40,10 +40,14 @@ def fed_config(model_dir: Path, files, held, extra=()):
     return load_config(None, sets + list(extra))
 
 
-def _final_adapter(out: Path) -> dict:
-    from safetensors.numpy import load_file
-
-    return load_file(str(out / "final" / "adapter" / "adapter_model.safetensors"))
+def same_site_secrets(*runs: Path, sites: int = 3) -> None:
+    """Each site's DP noise and sampling come from its own secret key: give every site the same
+    key in each of these run folders, so that runs can be compared value for value."""
+    for i in range(sites):
+        for run in runs:
+            folder = run / "sites" / f"site-{i}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "dp-noise.key").write_bytes(bytes([i + 1]) * 32)
 
 
 @pytest.mark.slow
@@ -82,8 +86,9 @@ def test_three_sites_two_rounds_with_secagg(tiny_models, site_files, tmp_path):
 @pytest.mark.slow
 def test_secagg_aggregate_equals_plain_fedavg_without_noise(tiny_models, site_files, tmp_path):
     files, held = site_files
-    extra = ["privacy.noise_multiplier=0.0", "federation.rounds=1"]
+    extra = ["privacy.noise_multiplier=0.0", "federation.rounds=1", "federation.run_id=compare"]
     results = {}
+    same_site_secrets(tmp_path / "secure-True", tmp_path / "secure-False")
     for secure in (True, False):
         cfg = fed_config(tiny_models["bert"], files, held, extra + [f"federation.secure_aggregation={str(secure).lower()}"])
         out = tmp_path / f"secure-{secure}"
@@ -147,12 +152,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(tiny_models, site_fi
     files, held = site_files
     cfg = fed_config(tiny_models["bert"], files, held, ["federation.run_id=resume-test"])
     full, part = tmp_path / "full", tmp_path / "part"
-    # Each site's noise comes from its own secret key: give each site the same key in both runs.
-    for i in range(3):
-        key = bytes([i + 1]) * 32
-        for run in (full, part):
-            (run / "sites" / f"site-{i}").mkdir(parents=True)
-            (run / "sites" / f"site-{i}" / "dp-noise.key").write_bytes(key)
+    same_site_secrets(full, part)
     assert simulate(cfg, full, cpus=2) == "completed"
     assert simulate(cfg, part, stop_after_round=1, cpus=2) == "interrupted"
     assert load_latest(part / "checkpoints")[0] == 1
@@ -225,8 +225,11 @@ def test_flwr_run_on_the_flower_app(tiny_models, tmp_path):
         '[federation]\nsites = 3\nrounds = 1\npartition = "iid"\n'
     )
     out = tmp_path / "out"
-    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-    flwr = shutil.which("flwr") or str(Path(os.sys.executable).parent / "flwr")
+    # flwr starts `flower-superlink` from PATH: make it this environment's.
+    bin_dir = str(Path(os.sys.executable).parent)
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    flwr = shutil.which("flwr", path=env["PATH"])
     try:
         proc = subprocess.run(
             [flwr, "run", str(repo), "local", "--federation-config", "num-supernodes=3",
