@@ -128,18 +128,27 @@ def add_lora(model: torch.nn.Module, cfg: LoraConfig, task: str) -> PeftModel:
 
 def freeze_lora_a(model: torch.nn.Module, seed: int) -> None:
     """FFA-LoRA: redraw every LoRA A from ``seed`` alone (not the global RNG, not the head's
-    initialisation), with peft's own distribution (kaiming-uniform, a=sqrt(5): U(+-1/sqrt(fan_in))),
-    and freeze it, so every party holds bit-identical A matrices that never change."""
+    initialisation) with peft's own initialiser (kaiming-uniform, a=sqrt(5): U(+-1/sqrt(fan_in))),
+    in named_modules order, and freeze it, so every party holds bit-identical A matrices that
+    never change and are never sent."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _, module in model.named_modules():
+        for name, module in model.named_modules():
+            if len(getattr(module, "lora_embedding_A", None) or {}):
+                # peft starts embedding LoRA with A = 0: a frozen zero A never learns anything.
+                raise ModelLoadError(
+                    f"lora.freeze_a = true does not support LoRA on embedding layers ({name}): "
+                    "remove it from lora.target_modules"
+                )
             lora_a = getattr(module, "lora_A", None)
             if not isinstance(lora_a, torch.nn.ModuleDict):
                 continue
             for key in sorted(lora_a.keys()):
                 weight = lora_a[key].weight
-                bound = 1.0 / math.sqrt(weight.shape[1])
-                values = (torch.rand(weight.shape, generator=generator, dtype=torch.float32) * 2 - 1) * bound
+                # Drawn on the CPU in float32 whatever the model's device and dtype, so the
+                # values are the same at every party.
+                values = torch.empty(weight.shape, dtype=torch.float32)
+                torch.nn.init.kaiming_uniform_(values, a=math.sqrt(5), generator=generator)
                 weight.copy_(values.to(weight.device, weight.dtype))
                 weight.requires_grad_(False)
 
