@@ -1,16 +1,23 @@
-"""The ClientApp a site runs (Flower App component ``client.app:app``)."""
+"""The ClientApp a site runs (Flower App component ``client.app:app``).
+
+In a deployment Flower starts a fresh ClientApp process for every message, and SecAgg+ sends
+four train messages per round of which only one trains. So this module imports only Flower:
+torch, transformers and the site's model are loaded inside ``client_fn``, which Flower calls
+only for the messages that train or evaluate.
+"""
 
 from __future__ import annotations
 
 from flwr.app import Context
 from flwr.client import ClientApp
 
-from .agent import SiteClient
 from .mods import secure_aggregation_mod
 from .settings import settings_from_node_config
 
 
 def client_fn(context: Context):
+    from .agent import SiteClient  # heavy: torch, transformers, peft, opacus
+
     return SiteClient(settings_from_node_config(context.node_config)).to_client()
 
 

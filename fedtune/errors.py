@@ -17,4 +17,12 @@ def _federation_errors() -> tuple:
     return (RunError, SecAggSettingsError)
 
 
-USER_ERRORS = (ConfigError, DataError, ModelLoadError, PrecisionError, AdapterMismatchError, *_federation_errors())
+def _deployment_errors() -> tuple:
+    from fedtune.deployment.certs import CertError
+    from fedtune.deployment.flower import DeploymentError
+
+    return (CertError, DeploymentError)
+
+
+USER_ERRORS = (ConfigError, DataError, ModelLoadError, PrecisionError, AdapterMismatchError, *_federation_errors(),
+               *_deployment_errors())

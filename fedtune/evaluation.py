@@ -7,7 +7,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-from sklearn.metrics import accuracy_score, f1_score
 from torch.utils.data import DataLoader, Dataset
 
 from fedtune.adapters import unwrap
@@ -47,6 +46,8 @@ def _classification(model, loader, device, precision) -> dict[str, float]:
         n += len(labels)
         preds.append(logits.argmax(dim=-1).numpy())
         golds.append(labels.numpy())
+    from sklearn.metrics import accuracy_score, f1_score  # lazy: a site's fit stage never needs it
+
     y_pred, y_true = np.concatenate(preds), np.concatenate(golds)
     return {
         "loss": loss_sum / max(n, 1),

@@ -1,9 +1,10 @@
-"""The ServerApp the coordinator runs (Flower App component ``server.app:app``), for
-``flwr run`` against a local simulation or a deployed SuperLink.
+"""The ServerApp the coordinator runs (Flower App component ``server.app:app`` from a checkout,
+``fedtune.server.app:app`` from an installation), for ``flwr run`` against a local simulation
+or a deployed SuperLink.
 
 Run config keys (``[tool.flwr.app.config]`` in pyproject.toml, or ``--run-config``):
-``config`` (the fedtune TOML, relative to the app folder), ``out`` (the run directory),
-``mode`` (``simulation``: split the config's dataset across the simulated sites;
+``config`` (the fedtune TOML: absolute, or relative to the app folder), ``out`` (the run
+directory), ``mode`` (``simulation``: split the config's dataset across the simulated sites;
 ``deployment``: sites hold their own data), ``resume``.
 """
 
@@ -14,7 +15,8 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.server import Grid, ServerApp
 
-from fedtune.config import load_config
+from fedtune.config import ConfigError, load_config
+from fedtune.io_utils import atomic_write_json
 
 from .coordinator import execute_run, prepare_run
 
@@ -24,10 +26,15 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     rc = context.run_config
-    config_path = Path(str(rc.get("config", "simulations/federated.toml")))
+    if not str(rc.get("config", "")):
+        raise ConfigError("run config `config` is empty: pass --run-config 'config=\"/abs/path/run.toml\"'")
+    config_path = Path(str(rc["config"])).expanduser()
     if not config_path.is_absolute():
         config_path = Path(__file__).resolve().parents[1] / config_path
     cfg = load_config(config_path)
-    run = prepare_run(cfg, Path(str(rc.get("out", "runs/flwr-run"))).expanduser().resolve(),
-                      resume=bool(rc.get("resume", False)), simulated=str(rc.get("mode", "simulation")) == "simulation")
-    execute_run(grid, context, run)
+    out = Path(str(rc.get("out", "runs/flwr-run"))).expanduser().resolve()
+    run = prepare_run(cfg, out, resume=bool(rc.get("resume", False)),
+                      simulated=str(rc.get("mode", "simulation")) == "simulation")
+    ended = execute_run(grid, context, run)
+    # How the run ended, for whoever submitted it (`fedtune server` reads it).
+    atomic_write_json(out / "run.json", {"run_id": run.run_id, "ended": ended})

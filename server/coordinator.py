@@ -182,7 +182,7 @@ class RunRecorder:
         """Drop excluded sites from a round's sample; end the run if too few remain."""
         kept = [(proxy, ins) for proxy, ins in instructions if proxy.node_id not in self.excluded]
         self.sampled = {proxy.node_id for proxy, _ in kept}
-        needed = 3 if self.run.secagg else 1
+        needed = 2 if self.run.secagg else 1  # SecAgg+ needs at least two sites
         if len(kept) < needed:
             raise StopRun(f"round {self.absolute(server_round)}: only {len(kept)} site(s) can still train, "
                           f"{needed} needed{' for SecAgg+' if self.run.secagg else ''}; ending the run")

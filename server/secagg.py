@@ -3,6 +3,7 @@ refusal before round 1 of settings that would silently corrupt the aggregate."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -10,14 +11,17 @@ from pydantic import BaseModel
 
 from fedtune.config import FederationConfig
 
+log = logging.getLogger("fedtune.server")
+
 
 class SecAggSettingsError(ValueError):
     pass
 
 
 class SecAggSettings(BaseModel):
-    num_shares: int
-    reconstruction_threshold: int
+    # A float is Flower's "this fraction of the sampled sites" (1.0: all of them).
+    num_shares: int | float
+    reconstruction_threshold: int | float
     clipping_range: float
     quantization_range: int
     modulus_range: int
@@ -31,17 +35,24 @@ def sites_per_round(fed: FederationConfig) -> int:
 
 def secagg_settings(fed: FederationConfig, adapter: list[np.ndarray], max_site_examples: int | None) -> SecAggSettings:
     n = sites_per_round(fed)
-    if n < 3:
+    if n < 2:
         raise SecAggSettingsError(
-            f"SecAgg+ needs at least 3 sites per round, this run samples {n} "
+            f"SecAgg+ needs at least 2 sites per round, this run samples {n} "
             f"(federation.sites = {fed.sites}, fraction_train = {fed.fraction_train}): add sites, raise "
             "fraction_train, or set federation.secure_aggregation = false"
         )
-    shares = fed.secagg_num_shares or n
-    threshold = fed.secagg_reconstruction_threshold or max(2, math.ceil(2 * shares / 3))
-    if threshold >= shares:
-        threshold = shares - 1
-    if not 2 < shares <= n or not 2 <= threshold < shares:
+    if n == 2 and not (fed.secagg_num_shares or fed.secagg_reconstruction_threshold):
+        # Flower's integer shares must exceed 2; with two sites every site holds a share and
+        # both must answer. The coordinator still sees only the sum (each of the two sites can
+        # of course subtract its own update from it, as with any two-party average).
+        log.warning("SecAgg+ with 2 sites per round: no dropout tolerance; a third site adds it")
+        shares, threshold = 1.0, 1.0
+    else:
+        shares = fed.secagg_num_shares or n
+        threshold = fed.secagg_reconstruction_threshold or max(2, math.ceil(2 * shares / 3))
+        if threshold >= shares:
+            threshold = shares - 1
+    if isinstance(shares, int) and (not 2 < shares <= n or not 2 <= threshold < shares):
         raise SecAggSettingsError(
             f"federation.secagg_num_shares = {shares} / secagg_reconstruction_threshold = {threshold}: "
             f"need 2 < shares <= sites per round ({n}) and 2 <= threshold < shares"

@@ -24,6 +24,9 @@ def test_secagg_defaults_follow_the_number_of_sites():
     s = secagg_settings(_fed("federation.sites=10"), adapter, 500)
     assert s.num_shares == 10 and 2 <= s.reconstruction_threshold < 10
     assert s.max_weight >= 500
+    # Two sites: Flower's fractional form, every site holds a share and must answer.
+    s = secagg_settings(_fed("federation.sites=2"), adapter, 500)
+    assert (s.num_shares, s.reconstruction_threshold) == (1.0, 1.0)
 
 
 def test_secagg_quantization_overflow_is_refused():

@@ -174,8 +174,8 @@ def test_resume_after_interruption_equals_uninterrupted_run(tiny_models, site_fi
 
 def test_too_few_sites_for_secagg_is_refused(tiny_models, site_files, tmp_path):
     files, held = site_files
-    cfg = fed_config(tiny_models["bert"], files[:2], held, ["federation.sites=2"])
-    with pytest.raises(SecAggSettingsError, match="at least 3 sites"):
+    cfg = fed_config(tiny_models["bert"], files[:2], held, ["federation.sites=2", "federation.fraction_train=0.5"])
+    with pytest.raises(SecAggSettingsError, match="at least 2 sites"):
         prepare_run(cfg, tmp_path / "x")
 
 

@@ -1,0 +1,128 @@
+"""``fedtune server`` and ``fedtune submit``: a Flower SuperLink with TLS and SuperNode
+authentication, the sites' keys registered with it, and fedtune's run submitted with `flwr run`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from . import processes
+from .certs import CertPaths
+from .flower import (
+    DeploymentError, flower_env, flwr_home, register_site_key, submit_command, superlink_command,
+    wait_for_port, write_connection, write_flower_app,
+)
+
+log = logging.getLogger("fedtune.deployment")
+
+INSECURE_WARNING = (
+    "WARNING: --insecure: the coordinator runs WITHOUT TLS and WITHOUT site authentication. Anyone "
+    "on the network can read the traffic and join as a site. Use this only for a local trial."
+)
+
+
+@dataclass
+class ServerOptions:
+    certs: Optional[Path]
+    host: str = "127.0.0.1"
+    port: int = 9092
+    state_dir: Path = Path.home() / ".fedtune" / "coordinator"
+    connection: str = "fedtune"
+    insecure: bool = False
+    config: Optional[Path] = None      # a run to submit once the SuperLink is up
+    out: Optional[Path] = None
+    resume: bool = False
+    keep_running: bool = False
+    startup_timeout: float = 60.0
+
+
+def _local_address(opts: ServerOptions) -> str:
+    # The operator's own `flwr` commands reach the SuperLink on this machine.
+    host = "127.0.0.1" if opts.host in ("0.0.0.0", "::", "") else opts.host
+    return f"{host}:{opts.port}"
+
+
+def serve(opts: ServerOptions) -> int:
+    """Start the SuperLink, register the sites, optionally run one federated run to its end."""
+    certs = CertPaths(opts.certs) if opts.certs is not None else None
+    state = opts.state_dir.expanduser()
+    state.mkdir(parents=True, exist_ok=True)
+    cmd = superlink_command(certs, opts.host, opts.port, state / "superlink.db", opts.insecure)
+    if opts.insecure:
+        print(INSECURE_WARNING, file=sys.stderr)
+    env = flower_env()
+    if opts.config is not None and opts.out is None:
+        raise DeploymentError("--config needs --out (the run directory on this machine)")
+    log_path = state / "superlink.log"
+    with processes.terminate_on_signals(), open(log_path, "ab") as superlink_log:
+        # With a run to watch, the run's stream is the terminal output; the SuperLink logs to a file.
+        superlink = processes.start(cmd, env, **({"stdout": superlink_log, "stderr": subprocess.STDOUT}
+                                                  if opts.config is not None else {}))
+        try:
+            host, port = _local_address(opts).rsplit(":", 1)
+            wait_for_port(host, int(port), opts.startup_timeout, superlink)
+            home = flwr_home(env)
+            write_connection(opts.connection, _local_address(opts), None if opts.insecure else certs.ca_cert, home)
+            print(f"fedtune server: SuperLink on {opts.host}:{opts.port} "
+                  f"({'INSECURE' if opts.insecure else 'TLS, site authentication on'}); "
+                  f"`flwr` connection '{opts.connection}' in {home / 'config.toml'}", flush=True)
+            if not opts.insecure:
+                register_sites(certs, opts.connection, env)
+            if opts.config is None:
+                print("fedtune server: waiting for runs (`fedtune submit` or `flwr run`); Ctrl-C stops", flush=True)
+                return superlink.wait()
+            print(f"fedtune server: SuperLink log: {log_path}", flush=True)
+            rc = submit(opts.config, opts.out, opts.connection, state, opts.resume, env)
+            if opts.keep_running:
+                print("fedtune server: run finished; still serving (Ctrl-C stops)", flush=True)
+                superlink.wait()
+            return rc
+        except KeyboardInterrupt:
+            print("fedtune server: stopping", file=sys.stderr)
+            return 130
+        finally:
+            processes.stop(superlink)
+
+
+def register_sites(certs: CertPaths, connection: str, env: dict) -> dict[str, str]:
+    keys = certs.site_public_keys()
+    if not keys:
+        print(f"fedtune server: no site keys in {certs.sites}: add them with `fedtune certs site NAME` "
+              "(or `flwr supernode register`)", flush=True)
+    status = {}
+    for key in keys:
+        status[key.stem] = register_site_key(key, connection, env)
+        print(f"fedtune server: site {key.stem}: {status[key.stem]}", flush=True)
+    return status
+
+
+def submit(config: Path, out: Path, connection: str, state_dir: Path, resume: bool = False,
+           env: Optional[dict] = None) -> int:
+    """`flwr run` of fedtune's app with this run config; streams the run's log, then prints
+    how it ended and the per-round summary."""
+    if not Path(config).is_file():
+        raise DeploymentError(f"--config {config}: no such file")
+    env = env or flower_env()
+    app_dir = write_flower_app(Path(state_dir).expanduser() / "app")
+    (Path(out) / "run.json").unlink(missing_ok=True)  # so a stale one is never reported
+    result = subprocess.run(submit_command(app_dir, connection, config, out, resume), env=env)
+    return report(Path(out), result.returncode)
+
+
+def report(out: Path, flwr_rc: int) -> int:
+    status = out / "run.json"
+    if not status.exists():
+        print(f"fedtune: the run did not finish (flwr run exited with {flwr_rc}); see the log above", file=sys.stderr)
+        return flwr_rc or 1
+    ended = json.loads(status.read_text())["ended"]
+    from fedtune.federation.summary import format_summary
+    from fedtune.server.coordinator import read_records
+
+    print(f"\nfedtune run -> {out} ({ended})")
+    print(format_summary(read_records(out / "metrics.jsonl")))
+    return 0 if ended != "interrupted" else 3

@@ -1,0 +1,115 @@
+"""``fedtune client``: a site agent, i.e. a Flower SuperNode that connects over TLS with the
+site's private key and hands the site's settings to fedtune's ClientApp as node config."""
+
+from __future__ import annotations
+
+import stat
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import tomli_w
+from pydantic import ValidationError
+
+from fedtune.io_utils import atomic_write_text
+
+from . import processes
+from .flower import DeploymentError, flower_env, supernode_command
+
+INSECURE_WARNING = (
+    "WARNING: --insecure: this site agent connects WITHOUT TLS and WITHOUT authenticating itself. "
+    "Its (masked) updates and the global adapter travel in plain text. Use this only for a local trial."
+)
+
+
+@dataclass
+class ClientOptions:
+    superlink: str
+    ca: Optional[Path] = None
+    key: Optional[Path] = None
+    settings_file: Optional[Path] = None
+    settings: dict = field(default_factory=dict)   # node-config keys from the command line
+    runtime_port: int = 9094
+    insecure: bool = False
+    max_retries: Optional[int] = None
+    max_wait_time: Optional[float] = None
+    isolation: str = "subprocess"
+
+
+def site_settings(opts: ClientOptions):
+    """The site's settings: its settings file, then command-line flags; checked here, at start,
+    so a typo is reported now and not at the first round."""
+    from fedtune.client.settings import SiteSettings
+
+    raw: dict = {}
+    if opts.settings_file is not None:
+        try:
+            raw.update(tomllib.loads(Path(opts.settings_file).read_text()))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise DeploymentError(f"--settings {opts.settings_file}: {exc}") from None
+    raw.update({k: v for k, v in opts.settings.items() if v is not None})
+    if "data-path" not in raw:
+        raise DeploymentError("the site agent needs --data (or data-path in --settings): the site's data file")
+    if "site-id" not in raw:
+        raw["site-id"] = Path(opts.key).stem if opts.key is not None else Path(str(raw["data-path"])).stem
+    raw["data-path"] = str(Path(str(raw["data-path"])).expanduser().resolve())
+    raw.setdefault("state-dir", str(Path.home() / ".fedtune" / "sites" / str(raw["site-id"])))
+    try:
+        settings = SiteSettings.model_validate(raw)
+    except ValidationError as exc:
+        where = f" in {opts.settings_file}" if opts.settings_file else ""
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise DeploymentError(f"site settings{where}: {problems}") from None
+    _check_data(settings)
+    return settings
+
+
+def _check_data(settings) -> None:
+    from fedtune.data.readers import read_table
+
+    path = settings.data_path
+    if not path.is_file():
+        raise DeploymentError(f"data-path {path}: no such file")
+    read_table(path, settings.data_format)  # raises a DataError naming the file and row
+
+
+def _check_key(key: Path) -> None:
+    mode = key.stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        print(f"WARNING: {key} is readable by other users (mode {stat.filemode(mode)}): chmod 600 it",
+              file=sys.stderr)
+
+
+def node_config_file(settings, state_dir: Path) -> Path:
+    """Flower reads a node config from a TOML file: no quoting trouble with paths and spaces."""
+    values = {k: (str(v) if isinstance(v, Path) else v)
+              for k, v in settings.model_dump(by_alias=True, exclude_none=True).items()}
+    path = state_dir / "node-config.toml"
+    atomic_write_text(path, tomli_w.dumps(values))
+    return path
+
+
+def run_agent(opts: ClientOptions) -> int:
+    settings = site_settings(opts)
+    state = Path(settings.state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    if opts.insecure:
+        print(INSECURE_WARNING, file=sys.stderr)
+    elif opts.key is not None and Path(opts.key).is_file():
+        _check_key(Path(opts.key))
+    cmd = supernode_command(opts.superlink, node_config_file(settings, state), opts.runtime_port, opts.ca, opts.key,
+                            opts.insecure, opts.max_retries, opts.max_wait_time, opts.isolation)
+    print(f"fedtune client: site '{settings.site_id}' -> {opts.superlink} "
+          f"({'INSECURE' if opts.insecure else 'TLS, authenticated'}); data {settings.data_path}; "
+          f"privacy ledger in {state}", flush=True)
+    with processes.terminate_on_signals():
+        supernode = processes.start(cmd, flower_env())
+        try:
+            return supernode.wait()
+        except KeyboardInterrupt:
+            print("fedtune client: stopping", file=sys.stderr)
+            return 130
+        finally:
+            processes.stop(supernode)

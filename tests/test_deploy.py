@@ -1,0 +1,170 @@
+"""A real deployment on 127.0.0.1: `fedtune server` (a Flower SuperLink with TLS and SuperNode
+authentication) and `fedtune client` site agents (Flower SuperNodes), each its own process."""
+
+import json
+import ssl
+import time
+
+import pytest
+
+from fedtune import tiny
+from fedtune.deployment.certs import CertPaths, create_server_cert, create_site_key, init_certs
+from fedtune.deployment.flower import check_tls, flower_env, superlink_command, wait_for_port
+
+from deploy_helpers import Processes, fedtune_cmd, free_port
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory, tiny_models):
+    """Certificates for 127.0.0.1 with two registered sites and one unregistered key, two site
+    data files, the coordinator's evaluation file and a 2-round DP run config."""
+    root = tmp_path_factory.mktemp("deploy")
+    certs = init_certs(root / "certs", ["localhost", "127.0.0.1"], ["site-a", "site-b"])
+    rogue = root / "rogue"
+    create_site_key(CertPaths(rogue), "rogue")  # kept out of certs/sites: never registered
+    data = {s: tiny.write_csv(tiny.separable_rows(60, seed=10 + i), root / f"{s}.csv")
+            for i, s in enumerate(["site-a", "site-b"])}
+    held = tiny.write_csv(tiny.separable_rows(60, seed=99), root / "eval.csv")
+    config = root / "run.toml"
+    config.write_text(f"""
+[model]
+name = "{tiny_models['bert']}"
+max_length = 24
+[lora]
+r = 4
+dropout = 0.0
+[data]
+eval = "{held}"
+[train]
+batch_size = 16
+epochs = 1
+[privacy]
+target_epsilon = 8.0
+[federation]
+sites = 2
+rounds = 2
+site_test_fraction = 0.2
+secure_aggregation = true
+""")
+    return {"root": root, "certs": certs, "rogue": CertPaths(rogue).site_key("rogue"), "data": data, "config": config}
+
+
+@pytest.fixture
+def procs(tmp_path):
+    env = flower_env(tmp_path / "flwr-home")
+    p = Processes(env, tmp_path)
+    yield p
+    left = p.stop_all()
+    assert not left, f"processes left running: {left}"
+
+
+def _client(fed, site, port, runtime_port, *extra):
+    return fedtune_cmd("client", "--superlink", f"127.0.0.1:{port}", "--ca", fed["certs"].ca_cert,
+                       "--key", fed["certs"].site_key(site), "--data", fed["data"][site],
+                       "--state-dir", fed["root"] / "state" / site, "--runtime-port", runtime_port, *extra)
+
+
+def _wait_for(procs, proc, text, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in procs.log(proc):
+            return
+        assert proc.poll() is None, procs.log(proc)[-3000:]
+        time.sleep(0.5)
+    raise TimeoutError(f"{text!r} not seen:\n{procs.log(proc)[-3000:]}")
+
+
+def test_two_sites_run_a_dp_secagg_federation_over_tls(federation, procs, tmp_path):
+    fed, port = federation, free_port()
+    out = tmp_path / "run"
+    started = time.monotonic()
+    server = procs.start("server", fedtune_cmd(
+        "server", "--certs", fed["certs"].root, "--port", port, "--state-dir", tmp_path / "coordinator",
+        "--config", fed["config"], "--out", out))
+    _wait_for(procs, server, "site site-b: registered", 60)
+    for site in ("site-a", "site-b"):
+        procs.start(site, _client(fed, site, port, free_port()))
+    assert procs.wait(server, 600) == 0, procs.log(server)[-5000:]
+    print(f"\ndeployment: 2 sites, 2 rounds, wall time {time.monotonic() - started:.1f} s")
+
+    assert json.loads((out / "run.json").read_text())["ended"] == "completed"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [0, 1, 2]
+    for r in records[1:]:
+        assert set(r["bytes_up"]) == {"site-a", "site-b"} and all(v > 0 for v in r["bytes_up"].values())
+    privacy = json.loads((out / "privacy.json").read_text())
+    assert set(privacy["sites"]) == {"site-a", "site-b"}
+    for site in privacy["sites"].values():
+        assert 0 < site["epsilon"] <= 8.0 + 1e-6
+    assert (out / "final" / "adapter" / "adapter_config.json").exists()
+    for site in ("site-a", "site-b"):  # each site's own ledger holds both rounds
+        ledger = (fed["root"] / "state" / site / "privacy-ledger.jsonl").read_text().splitlines()
+        assert [json.loads(line)["round"] for line in ledger] == [1, 2]
+    assert "Secure aggregation commencing" in procs.log(server)
+
+
+@pytest.fixture(scope="module")
+def coordinator(federation, tmp_path_factory):
+    """A serving coordinator (no run) with site-a and site-b registered, shared by the refusal
+    tests; stopped with all its children when they are done, also if one fails."""
+    folder = tmp_path_factory.mktemp("coordinator")
+    procs = Processes(flower_env(folder / "flwr-home"), folder)
+    try:
+        port = free_port()
+        server = procs.start("server", fedtune_cmd("server", "--certs", federation["certs"].root, "--port", port,
+                                                   "--state-dir", folder / "state"))
+        _wait_for(procs, server, "waiting for runs", 60)
+        yield port
+    finally:
+        left = procs.stop_all()
+        assert not left, f"processes left running: {left}"
+
+
+def test_a_site_with_an_unregistered_key_is_refused(federation, procs, coordinator):
+    cmd = _client(federation, "site-a", coordinator, free_port(), "--max-retries", "2")
+    cmd[cmd.index("--key") + 1] = str(federation["rogue"])
+    rogue = procs.start("rogue", cmd)
+    assert procs.wait(rogue, 120) != 0
+    assert "Failed to activate SuperNode" in procs.log(rogue)
+
+
+def test_a_plain_text_client_cannot_talk_to_the_tls_coordinator(federation, procs, coordinator):
+    plain = procs.start("plain", fedtune_cmd(
+        "client", "--superlink", f"127.0.0.1:{coordinator}", "--insecure", "--data", federation["data"]["site-a"],
+        "--state-dir", federation["root"] / "state" / "plain", "--runtime-port", free_port(),
+        "--max-retries", "2", "--max-wait-time", "20"))
+    assert procs.wait(plain, 120) != 0
+    log = procs.log(plain)
+    assert "WARNING: --insecure" in log
+    assert "Connection attempt failed" in log
+
+
+def test_a_certificate_for_another_host_is_rejected(federation, procs, tmp_path):
+    """A coordinator whose certificate (from the right CA) names another host: the site's TLS
+    check fails on the host name, and the site agent never connects."""
+    other = CertPaths(tmp_path / "other-certs")
+    other.root.mkdir()
+    for name in ("ca.crt", "ca.key"):
+        (other.root / name).write_bytes((federation["certs"].root / name).read_bytes())
+    create_server_cert(other, ["coordinator.other-host.example"])
+    port = free_port()
+    # Flower's own SuperLink, started directly: `fedtune server` would stop at registering the
+    # sites, since the operator's flwr client rejects the certificate as well.
+    procs.start("superlink", superlink_command(other, "127.0.0.1", port, tmp_path / "state.db"))
+    wait_for_port("127.0.0.1", port, 60)
+    check_tls("127.0.0.1", port, other.ca_cert, server_name="coordinator.other-host.example")  # the CA is fine
+    with pytest.raises(ssl.SSLCertVerificationError, match="mismatch|doesn't match|not valid"):
+        check_tls("127.0.0.1", port, other.ca_cert)
+    site = procs.start("site-a", _client(federation, "site-a", port, free_port(),
+                                         "--max-retries", "2", "--max-wait-time", "20"))
+    assert procs.wait(site, 120) != 0
+    assert "certificate verify failed: IP address mismatch" in procs.log(site)
+
+
+def test_the_coordinator_certificate_is_checked_against_the_ca(federation, coordinator, tmp_path):
+    check_tls("127.0.0.1", coordinator, federation["certs"].ca_cert)       # the federation's CA: accepted
+    stranger = init_certs(tmp_path / "stranger", ["127.0.0.1"], [])
+    with pytest.raises(ssl.SSLCertVerificationError, match="unable to get local issuer|verify failed"):
+        check_tls("127.0.0.1", coordinator, stranger.ca_cert)              # another CA: rejected
