@@ -182,7 +182,11 @@ class RunRecorder:
         """Drop excluded sites from a round's sample; end the run if too few remain."""
         kept = [(proxy, ins) for proxy, ins in instructions if proxy.node_id not in self.excluded]
         self.sampled = {proxy.node_id for proxy, _ in kept}
-        needed = 2 if self.run.secagg else 1  # SecAgg+ needs at least two sites
+        needed = 1
+        if self.run.secagg:
+            # A two-site federation (fractional shares) runs SecAgg+ with both; a larger one was
+            # set up with integer shares, which Flower only accepts above 2 sites.
+            needed = 2 if isinstance(self.run.secagg.num_shares, float) else 3
         if len(kept) < needed:
             raise StopRun(f"round {self.absolute(server_round)}: only {len(kept)} site(s) can still train, "
                           f"{needed} needed{' for SecAgg+' if self.run.secagg else ''}; ending the run")
