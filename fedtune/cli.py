@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=_cmd_show_config)
 
+    p = sub.add_parser("split-data", help="write the config's simulated split as one file per site plus the "
+                       "coordinator's eval.csv (to try a deployment on the simulation's data)")
+    _add_config_args(p)
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.set_defaults(func=_cmd_split_data)
+
     _add_deployment_commands(sub)
     return parser
 
@@ -83,6 +89,8 @@ def _add_deployment_commands(sub) -> None:
     p = sub.add_parser("server", help="start the coordinator: a Flower SuperLink with TLS and site "
                        "authentication, optionally running one federated run")
     p.add_argument("--certs", type=Path, default=None, help="certificate folder from `fedtune certs init`")
+    p.add_argument("--site-keys", type=Path, default=None,
+                   help="folder of the sites' public keys (*.pub) to register (default: CERTS/sites)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=9092, help="the SuperLink's one port (Fleet, Control, Runtime API)")
     p.add_argument("--state-dir", type=Path, default=Path.home() / ".fedtune" / "coordinator",
@@ -137,6 +145,14 @@ _SITE_FLAGS = [
 ]
 
 
+def _cmd_split_data(args) -> int:
+    from fedtune.federation.export import write_site_files
+
+    for path in write_site_files(_load(args), args.out):
+        print(path)
+    return 0
+
+
 def _cmd_certs_init(args) -> int:
     from fedtune.deployment.certs import init_certs
 
@@ -175,7 +191,7 @@ def _cmd_server(args) -> int:
     from fedtune.deployment.coordinator import ServerOptions, serve
 
     return serve(ServerOptions(
-        certs=args.certs, host=args.host, port=args.port, state_dir=args.state_dir, connection=args.connection,
+        certs=args.certs, site_keys=args.site_keys, host=args.host, port=args.port, state_dir=args.state_dir, connection=args.connection,
         insecure=args.insecure, config=args.config, out=args.out, resume=args.resume, keep_running=args.keep_running,
     ))
 

@@ -2,8 +2,12 @@
 authentication) and `fedtune client` site agents (Flower SuperNodes), each its own process."""
 
 import json
+import shutil
 import ssl
 import time
+import urllib.error
+import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +18,7 @@ from fedtune.deployment.flower import check_tls, flower_env, superlink_command, 
 from deploy_helpers import Processes, fedtune_cmd, free_port
 
 pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -168,3 +173,32 @@ def test_the_coordinator_certificate_is_checked_against_the_ca(federation, coord
     stranger = init_certs(tmp_path / "stranger", ["127.0.0.1"], [])
     with pytest.raises(ssl.SSLCertVerificationError, match="unable to get local issuer|verify failed"):
         check_tls("127.0.0.1", coordinator, stranger.ca_cert)              # another CA: rejected
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed (.ci/run installs it)")
+def test_the_proxy_rule_passes_the_fleet_api_and_refuses_the_control_api(federation, procs, coordinator, tmp_path):
+    """deploy/proxy/nginx.conf, pointed at this test's coordinator: a site joins through it, a
+    Control API call (which would start runs) is refused."""
+    certs, port = federation["certs"].root, free_port()
+    conf = (REPO / "deploy" / "proxy" / "nginx.conf").read_text()
+    for old, new in [("server coordinator:9092;", f"server 127.0.0.1:{coordinator};"), ("/certs/", f"{certs}/"),
+                     ("listen 9443 ssl;", f"listen 127.0.0.1:{port} ssl;"), ("proxy_ssl_name coordinator;",
+                     "proxy_ssl_name localhost;"), ("pid /tmp/fedtune-proxy.pid;", f"pid {tmp_path}/nginx.pid;"),
+                     ("access_log /dev/stdout;", f"access_log {tmp_path}/access.log;")]:
+        assert old in conf
+        conf = conf.replace(old, new)
+    (tmp_path / "nginx.conf").write_text(conf)
+    procs.start("nginx", ["nginx", "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path), "-e", str(tmp_path / "err.log"),
+                          "-g", "daemon off;"])
+    wait_for_port("127.0.0.1", port, 30)
+    ctx = ssl.create_default_context(cafile=str(federation["certs"].ca_cert))
+    request = urllib.request.Request(f"https://localhost:{port}/v1/control/list-runs", data=b"", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, context=ctx, timeout=10)
+    assert refused.value.code == 403
+    site = procs.start("site-b", _client(federation, "site-b", port, free_port(), "--max-retries", "2"))
+    deadline = time.monotonic() + 60
+    while "/v1/fleet/pull-messages" not in (tmp_path / "access.log").read_text():
+        assert site.poll() is None and time.monotonic() < deadline, procs.log(site)[-3000:]
+        time.sleep(1)
+    assert '"POST /v1/fleet/activate-node HTTP/1.1" 200' in (tmp_path / "access.log").read_text()

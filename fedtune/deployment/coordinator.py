@@ -29,6 +29,7 @@ INSECURE_WARNING = (
 @dataclass
 class ServerOptions:
     certs: Optional[Path]
+    site_keys: Optional[Path] = None   # folder of sites' *.pub to register (default: CERTS/sites)
     host: str = "127.0.0.1"
     port: int = 9092
     state_dir: Path = Path.home() / ".fedtune" / "coordinator"
@@ -72,7 +73,7 @@ def serve(opts: ServerOptions) -> int:
                   f"({'INSECURE' if opts.insecure else 'TLS, site authentication on'}); "
                   f"`flwr` connection '{opts.connection}' in {home / 'config.toml'}", flush=True)
             if not opts.insecure:
-                register_sites(certs, opts.connection, env)
+                register_sites(Path(opts.site_keys) if opts.site_keys else certs.sites, opts.connection, env)
             if opts.config is None:
                 print("fedtune server: waiting for runs (`fedtune submit` or `flwr run`); Ctrl-C stops", flush=True)
                 return superlink.wait()
@@ -89,10 +90,10 @@ def serve(opts: ServerOptions) -> int:
             processes.stop(superlink)
 
 
-def register_sites(certs: CertPaths, connection: str, env: dict) -> dict[str, str]:
-    keys = certs.site_public_keys()
+def register_sites(folder: Path, connection: str, env: dict) -> dict[str, str]:
+    keys = sorted(folder.glob("*.pub")) if folder.is_dir() else []
     if not keys:
-        print(f"fedtune server: no site keys in {certs.sites}: add them with `fedtune certs site NAME` "
+        print(f"fedtune server: no site keys in {folder}: add them with `fedtune certs site NAME` "
               "(or `flwr supernode register`)", flush=True)
     status = {}
     for key in keys:
