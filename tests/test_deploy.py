@@ -175,7 +175,10 @@ def test_the_coordinator_certificate_is_checked_against_the_ca(federation, coord
         check_tls("127.0.0.1", coordinator, stranger.ca_cert)              # another CA: rejected
 
 
-@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed (.ci/run installs it)")
+NGINX = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
+
+
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed (.ci/run installs it)")
 def test_the_proxy_rule_passes_the_fleet_api_and_refuses_the_control_api(federation, procs, coordinator, tmp_path):
     """deploy/proxy/nginx.conf, pointed at this test's coordinator: a site joins through it, a
     Control API call (which would start runs) is refused."""
@@ -188,7 +191,7 @@ def test_the_proxy_rule_passes_the_fleet_api_and_refuses_the_control_api(federat
         assert old in conf
         conf = conf.replace(old, new)
     (tmp_path / "nginx.conf").write_text(conf)
-    procs.start("nginx", ["nginx", "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path), "-e", str(tmp_path / "err.log"),
+    procs.start("nginx", [NGINX, "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path), "-e", str(tmp_path / "err.log"),
                           "-g", "daemon off;"])
     wait_for_port("127.0.0.1", port, 30)
     ctx = ssl.create_default_context(cafile=str(federation["certs"].ca_cert))

@@ -1,11 +1,14 @@
 """Certificates, site keys, the commands fedtune builds for Flower, and the site agent's checks."""
 
+import re
 import stat
 import subprocess
 import sys
 import tomllib
+from pathlib import Path
 
 import pytest
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
@@ -161,3 +164,66 @@ def test_the_client_app_starts_without_torch():
             "print(sorted(m for m in ('torch', 'transformers', 'peft', 'opacus', 'sklearn') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# -- deploy/ ------------------------------------------------------------------------------------
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+
+
+def test_the_images_run_as_a_non_root_user_with_everything_preinstalled():
+    dockerfile = (DEPLOY / "docker" / "Dockerfile").read_text()
+    users = [line.split()[1] for line in dockerfile.splitlines() if line.startswith("USER ")]
+    assert users and all(u not in ("root", "0") for u in users)
+    assert "pip install ." in dockerfile  # a SuperNode installs nothing at run time
+    targets = [line.split()[-1] for line in dockerfile.splitlines() if line.startswith("FROM ")]
+    assert {"coordinator", "site"} <= set(targets)
+
+
+def test_compose_runs_a_coordinator_behind_the_fleet_proxy_and_three_sites():
+    compose = yaml.safe_load((DEPLOY / "docker" / "compose.yaml").read_text())
+    services = compose["services"]
+    sites = sorted(name for name in services if name.startswith("site-"))
+    assert sites == ["site-0", "site-1", "site-2"]
+    assert compose["networks"]["internal"]["internal"] is True
+    assert "ports" not in services["coordinator"] and services["coordinator"]["networks"] == ["internal"]
+    for name in sites:
+        command = services[name]["command"]
+        assert services[name]["networks"] == ["sites"]               # sites reach only the proxy
+        assert command[command.index("--superlink") + 1] == "proxy:9443"
+        assert command[command.index("--key") + 1] == f"/certs/sites/{name}.key"
+        assert "--insecure" not in command
+
+
+def test_the_proxy_config_exposes_only_the_fleet_api():
+    conf = (DEPLOY / "proxy" / "nginx.conf").read_text()
+    locations = re.findall(r"location\s+(\S+)\s*\{([^}]*)\}", conf)
+    assert [(path, "proxy_pass" in body) for path, body in locations] == [("/v1/fleet/", True), ("/", False)]
+    assert "return 403" in dict(locations)["/"]
+    k8s = list(yaml.safe_load_all((DEPLOY / "k8s" / "coordinator.yaml").read_text()))
+    services = [d for d in k8s if d["kind"] == "Service"]
+    assert [p["port"] for s in services for p in s["spec"]["ports"]] == [9443]
+    pod = next(d for d in k8s if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    args = next(c for c in pod["containers"] if c["name"] == "coordinator")["args"]
+    assert args[args.index("--host") + 1] == "127.0.0.1"   # the SuperLink: the pod's loopback only
+    assert pod["securityContext"]["runAsNonRoot"] is True
+
+
+def test_the_systemd_unit_and_the_example_site_settings_work_together(tmp_path):
+    unit = (DEPLOY / "systemd" / "fedtune-site.service").read_text()
+    assert "User=fedtune" in unit and "fedtune client" in unit and "--insecure" not in unit
+    example = (DEPLOY / "systemd" / "site.toml.example").read_text()
+    data = tiny.write_csv(tiny.separable_rows(10), tmp_path / "notes.csv")
+    settings_file = tmp_path / "site.toml"
+    settings_file.write_text(example.replace("/srv/data/notes.csv", str(data))
+                             .replace('"/var/lib/fedtune"', f'"{tmp_path / "state"}"'))
+    settings = site_settings(ClientOptions(superlink="x:1", settings_file=settings_file))
+    assert settings.site_id == "hospital-a" and settings.lifetime_epsilon == 16.0
+    assert settings.require_secure_aggregation
+
+
+def test_the_deployed_run_config_is_valid():
+    from fedtune.config import load_config
+
+    cfg = load_config(DEPLOY / "run.toml")
+    assert cfg.federation.secure_aggregation and cfg.privacy.enabled and cfg.data.eval is not None
