@@ -191,8 +191,8 @@ def test_the_proxy_rule_passes_the_fleet_api_and_refuses_the_control_api(federat
         assert old in conf
         conf = conf.replace(old, new)
     (tmp_path / "nginx.conf").write_text(conf)
-    procs.start("nginx", [NGINX, "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path), "-e", str(tmp_path / "err.log"),
-                          "-g", "daemon off;"])
+    procs.start("nginx", [NGINX, "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path),
+                          "-e", str(tmp_path / "err.log"), "-g", "daemon off;"])
     wait_for_port("127.0.0.1", port, 30)
     ctx = ssl.create_default_context(cafile=str(federation["certs"].ca_cert))
     request = urllib.request.Request(f"https://localhost:{port}/v1/control/list-runs", data=b"", method="POST")
