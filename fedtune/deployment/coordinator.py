@@ -57,8 +57,12 @@ def serve(opts: ServerOptions) -> int:
     if opts.insecure:
         print(INSECURE_WARNING, file=sys.stderr)
     env = flower_env()
-    if opts.config is not None and opts.out is None:
-        raise DeploymentError("--config needs --out (the run directory on this machine)")
+    if opts.config is not None:  # a bad run config fails now, not after the sites have connected
+        if opts.out is None:
+            raise DeploymentError("--config needs --out (the run directory on this machine)")
+        from fedtune.config import load_config
+
+        load_config(opts.config)
     log_path = state / "superlink.log"
     with processes.terminate_on_signals(), open(log_path, "ab") as superlink_log:
         # With a run to watch, the run's stream is the terminal output; the SuperLink logs to a file.
@@ -106,8 +110,9 @@ def submit(config: Path, out: Path, connection: str, state_dir: Path, resume: bo
            env: Optional[dict] = None) -> int:
     """`flwr run` of fedtune's app with this run config; streams the run's log, then prints
     how it ended and the per-round summary."""
-    if not Path(config).is_file():
-        raise DeploymentError(f"--config {config}: no such file")
+    from fedtune.config import load_config
+
+    load_config(config)  # raises a ConfigError naming the file and key
     env = env or flower_env()
     app_dir = write_flower_app(Path(state_dir).expanduser() / "app")
     (Path(out) / "run.json").unlink(missing_ok=True)  # so a stale one is never reported
