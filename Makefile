@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo demo-local test test-fast clean
+.PHONY: install demo demo-local test test-fast bench bench-full clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,13 @@ test-fast: install
 
 demo-local: install
 	$(BIN)/fedtune train-local --config simulations/demo.toml --out runs/demo-local
+
+# Benchmarks (simulations/RESULTS.md): about 30 minutes on 2 CPU cores; bench-full: hours.
+bench: install
+	$(BIN)/python -m simulations.bench.run_all
+
+bench-full: install
+	$(BIN)/python -m simulations.bench.run_all --full
 
 clean:
 	rm -rf runs .pytest_cache

@@ -38,7 +38,10 @@ def make_strategy(cfg: FedTuneConfig, initial: list[np.ndarray], recorder):
             return parameters, metrics
 
         def aggregate_evaluate(self, server_round, results, failures):
-            out = super().aggregate_evaluate(server_round, results, failures)
+            # A site without a local test split answers with 0 examples; Flower's weighted mean
+            # over only such answers would divide by zero.
+            out = super().aggregate_evaluate(server_round, [(p, r) for p, r in results if r.num_examples > 0],
+                                             failures)
             recorder.on_federated(server_round, results)
             recorder.end_round(server_round)
             return out
@@ -46,9 +49,9 @@ def make_strategy(cfg: FedTuneConfig, initial: list[np.ndarray], recorder):
     n = sites_per_round(fed)
     kwargs = dict(
         fraction_fit=fed.fraction_train,
-        fraction_evaluate=1.0,
+        fraction_evaluate=fed.fraction_evaluate,
         min_fit_clients=n,
-        min_evaluate_clients=fed.sites,
+        min_evaluate_clients=max(1, int(fed.fraction_evaluate * fed.sites)),
         min_available_clients=fed.sites,
         evaluate_fn=recorder.central_evaluate,
         on_fit_config_fn=recorder.fit_config,
