@@ -227,3 +227,13 @@ def test_the_deployed_run_config_is_valid():
 
     cfg = load_config(DEPLOY / "run.toml")
     assert cfg.federation.secure_aggregation and cfg.privacy.enabled and cfg.data.eval is not None
+
+
+def test_the_server_checks_the_run_config_before_starting_anything(tmp_path):
+    from fedtune.deployment.coordinator import ServerOptions, serve
+
+    opts = ServerOptions(certs=None, insecure=True, state_dir=tmp_path / "state", config=DEPLOY / "run.toml",
+                         out=tmp_path / "run")
+    with pytest.raises(DeploymentError, match="data.eval = /data/eval.csv: .*evaluation file is missing"):
+        serve(opts)
+    assert not (tmp_path / "state" / "superlink.log").exists()  # no SuperLink was started

@@ -60,9 +60,7 @@ def serve(opts: ServerOptions) -> int:
     if opts.config is not None:  # a bad run config fails now, not after the sites have connected
         if opts.out is None:
             raise DeploymentError("--config needs --out (the run directory on this machine)")
-        from fedtune.config import load_config
-
-        load_config(opts.config)
+        check_run_config(opts.config)
     log_path = state / "superlink.log"
     with processes.terminate_on_signals(), open(log_path, "ab") as superlink_log:
         # With a run to watch, the run's stream is the terminal output; the SuperLink logs to a file.
@@ -94,6 +92,16 @@ def serve(opts: ServerOptions) -> int:
             processes.stop(superlink)
 
 
+def check_run_config(path: Path) -> None:
+    """What the ServerApp will need, checked before any site is kept waiting."""
+    from fedtune.config import load_config
+
+    cfg = load_config(path)  # raises a ConfigError naming the file and key
+    if cfg.data.eval is None or not Path(cfg.data.eval).is_file():
+        raise DeploymentError(f"{path}: data.eval = {cfg.data.eval}: the coordinator's own evaluation file "
+                              "is missing (sites bring their data; the coordinator evaluates on this one)")
+
+
 def register_sites(folder: Path, connection: str, env: dict) -> dict[str, str]:
     keys = sorted(folder.glob("*.pub")) if folder.is_dir() else []
     if not keys:
@@ -110,9 +118,7 @@ def submit(config: Path, out: Path, connection: str, state_dir: Path, resume: bo
            env: Optional[dict] = None) -> int:
     """`flwr run` of fedtune's app with this run config; streams the run's log, then prints
     how it ended and the per-round summary."""
-    from fedtune.config import load_config
-
-    load_config(config)  # raises a ConfigError naming the file and key
+    check_run_config(config)
     env = env or flower_env()
     app_dir = write_flower_app(Path(state_dir).expanduser() / "app")
     (Path(out) / "run.json").unlink(missing_ok=True)  # so a stale one is never reported
