@@ -18,7 +18,7 @@ demo: install
 	$(BIN)/fedtune simulate --config simulations/federated.toml --out runs/demo
 
 test: install
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=25
 
 test-fast: install
 	$(BIN)/python -m pytest -q -ra -m "not slow"
@@ -26,12 +26,12 @@ test-fast: install
 demo-local: install
 	$(BIN)/fedtune train-local --config simulations/demo.toml --out runs/demo-local
 
-# Benchmarks (simulations/RESULTS.md): about 30 minutes on 2 CPU cores; bench-full: hours.
+# Benchmarks (simulations/RESULTS.md): about 35 minutes on 2 CPU cores; bench-full: hours.
 bench: install
-	$(BIN)/python -m simulations.bench.run_all
+	$(BIN)/python -m simulations.benchmarks.run_all
 
 bench-full: install
-	$(BIN)/python -m simulations.bench.run_all --full
+	$(BIN)/python -m simulations.benchmarks.run_all --full
 
 clean:
 	rm -rf runs .pytest_cache

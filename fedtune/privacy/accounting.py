@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from functools import lru_cache
 from typing import Literal
 
 from opacus.accountants import create_accountant
@@ -84,17 +85,25 @@ def calibrate_noise_multiplier(
     if not 0 < sample_rate <= 1:
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
     if not prior_history:
-        return float(
-            get_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=delta,
-                sample_rate=sample_rate,
-                steps=total_steps,
-                accountant=mechanism,
-                epsilon_tolerance=0.005,
-            )
-        )
+        return _calibrate_fresh(float(target_epsilon), float(delta), float(sample_rate), int(total_steps), mechanism)
     return _calibrate_after(target_epsilon, delta, sample_rate, total_steps, mechanism, prior_history)
+
+
+@lru_cache(maxsize=256)
+def _calibrate_fresh(target_epsilon: float, delta: float, sample_rate: float, total_steps: int,
+                     mechanism: Mechanism) -> float:
+    # A pure function that takes seconds with PRV; a simulated site process calibrates the same
+    # numbers every round (and for every site of the same size), so remember them.
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=total_steps,
+            accountant=mechanism,
+            epsilon_tolerance=0.005,
+        )
+    )
 
 
 def _calibrate_after(target_epsilon, delta, sample_rate, total_steps, mechanism, prior) -> float:

@@ -1,20 +1,34 @@
-"""What every benchmark shares: sizes, the model, configs, machine facts, tables and JSON."""
+"""What every benchmark shares: sizes, the model, configs, machine facts, tables, JSON, and the
+one-Ray-at-a-time guard."""
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import os
 import platform
+import shutil
 import statistics
+import time
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
+
+# Offline model resolution and a quiet Flower, also when a script is run on its own.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 SIZES = ("tiny", "default", "full")
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "simulations" / "results"
-SHARED_DATA = REPO.parent / "shared" / "data"
+SHARED_DATA = REPO.parent / "shared" / "data"   # ../shared/data beside the checkout; never copied in
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def log(msg: str) -> None:
+    print(f"[{dt.datetime.now():%H:%M:%S}] {msg}", flush=True)
 
 
 def model_name(size: str, workdir: Path) -> str:
@@ -30,6 +44,7 @@ def model_name(size: str, workdir: Path) -> str:
 
 
 def config(model: str, sets: Iterable[str] = ()):
+    """A FedTuneConfig from the defaults plus ``key=value`` overrides (as ``--set`` takes them)."""
     from fedtune.config import load_config
 
     base = [f'model.name="{model}"', "train.progress=false", "lora.dropout=0.0"]
@@ -53,8 +68,12 @@ def machine() -> dict:
         pass
     return {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": cpu, "cores": os.cpu_count(), "native_bf16": cpu_has_native_bf16(),
+        "cpu": cpu, "cores": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": cpu_has_native_bf16(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch_threads": torch.get_num_threads(),
+        # Other work on the machine shows here; the interleaved ratios are meant to survive it.
+        "load_average_1m": os.getloadavg()[0],
         "python": platform.python_version(), "torch": torch.__version__, "flwr": flwr.__version__,
         "opacus": opacus.__version__, "peft": peft.__version__, "transformers": transformers.__version__,
     }
@@ -65,19 +84,25 @@ def write_json(name: str, size: str, payload: dict, out_dir: Path | None = None)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}-{size}.json"
     path.write_text(json.dumps({"benchmark": name, "size": size, "machine": machine(), **payload}, indent=2) + "\n")
+    log(f"{name}: wrote {path}")
     return path
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     """A Markdown table (also readable in a terminal)."""
     def cell(v) -> str:
+        if isinstance(v, bool):
+            return "yes" if v else "no"
         if isinstance(v, float):
             return f"{v:.4g}"
         return "-" if v is None else str(v)
 
     text = [[cell(v) for v in row] for row in rows]
-    widths = [max(len(str(h)), *(len(r[i]) for r in text)) if text else len(str(h)) for i, h in enumerate(headers)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    widths = [max([len(str(h))] + [len(r[i]) for r in text]) for i, h in enumerate(headers)]
+
+    def line(cells):
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+
     return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(line(r) for r in text)])
 
 
@@ -85,35 +110,60 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
-def read_rounds(run_dir: Path) -> list[dict]:
-    from fedtune.server.coordinator import read_records
+def _foreign_ray() -> list[int]:
+    """Ray clusters that this process did not start (another test run or benchmark)."""
+    import psutil
 
-    return read_records(Path(run_dir) / "metrics.jsonl")
+    mine = {p.pid for p in psutil.Process().children(recursive=True)}
+    found = []
+    for proc in psutil.process_iter(["pid", "name", "cmdline"]):
+        try:
+            cmd = " ".join(proc.info["cmdline"] or [])
+            if proc.info["pid"] not in mine and ("raylet" in (proc.info["name"] or "") or "gcs_server" in cmd):
+                found.append(proc.info["pid"])
+        except psutil.Error:
+            pass
+    return found
 
 
-def log(msg: str) -> None:
-    print(f"[{dt.datetime.now():%H:%M:%S}] {msg}", flush=True)
+def wait_for_ray_to_be_free(timeout_s: float = 900, poll_s: float = 5) -> None:
+    # Two Ray clusters at once on this machine abort with SIGABRT: wait for any other to end.
+    waited = 0.0
+    while (pids := _foreign_ray()) and waited < timeout_s:
+        if waited == 0:
+            log(f"another Ray cluster is running (pids {pids}); waiting for it to finish")
+        time.sleep(poll_s)
+        waited += poll_s
 
 
 def federated_run(cfg, out_dir: Path) -> list[dict]:
-    """One simulation on Flower's engine (Ray), one ClientApp per core; returns its rounds."""
-    import shutil
-
+    """One simulation on Flower's engine (Ray), one ClientApp per core; returns its metrics records."""
+    from fedtune.server.coordinator import read_records
     from fedtune.simulate import simulate
 
     out_dir = Path(out_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)  # a benchmark run always starts fresh
+    wait_for_ray_to_be_free()
     ended = simulate(cfg, out_dir)
     if ended != "completed":
         raise RuntimeError(f"{out_dir}: the run {ended}")
-    return read_rounds(out_dir)
+    return read_records(out_dir / "metrics.jsonl")
 
 
 def model_fp32_bytes(model: str) -> int:
-    """The full base model's size in fp32: what sending the whole model would cost."""
+    """The full base model (with a 2-label head) in fp32: what sending the whole model would cost."""
     from fedtune.model import load_base_model, load_tokenizer
 
     cfg = config(model)
     net = load_base_model(cfg.model, load_tokenizer(cfg.model), {0: "a", 1: "b"}, "cpu", 0)
     return 4 * sum(p.numel() for p in net.parameters())
+
+
+def main_for(run: Callable, doc: str, argv=None) -> None:
+    """The command line every benchmark script shares."""
+    p = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    p.add_argument("--size", choices=SIZES, default="default")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default: simulations/results)")
+    args = p.parse_args(argv)
+    run(args.size, args.out)
