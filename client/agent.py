@@ -7,7 +7,6 @@ scalar metrics of ``SiteReport`` / ``SiteEvalReport``. Never text, token ids or 
 from __future__ import annotations
 
 import logging
-import math
 
 import numpy as np
 import torch
@@ -16,13 +15,14 @@ from flwr.client import NumPyClient
 from fedtune.adapters import get_adapter_arrays, set_adapter_arrays, trainable_parameters
 from fedtune.evaluation import evaluate
 from fedtune.federation.messages import RoundInstructions, SiteEvalReport, SiteReport
-from fedtune.privacy.accounting import AccountantHistory, compute_epsilon
+from fedtune.privacy.accounting import AccountantHistory
 from fedtune.privacy.ledger import PrivacyLedger
 from fedtune.training.trainer import LocalTrainer
 
-from .budget import BudgetRefusal, check_round, choose_noise, site_privacy
+from .budget import BudgetRefusal, SiteBudget
+from .policy import run_terms, site_policy
 from .runtime import SiteRuntime, site_runtime, state_dir
-from .secret import round_seed, site_key
+from .secret import dp_seeds, site_key
 from .settings import SiteSettings
 
 log = logging.getLogger(__name__)
@@ -45,58 +45,28 @@ class SiteClient(NumPyClient):
     def fit(self, parameters, config):
         instr = RoundInstructions.from_record(config)
         site = self._runtime(instr, parameters)
-        cfg = site.cfg
         if instr.max_weight and site.num_train > instr.max_weight:
             raise ValueError(
                 f"{self.settings.site_id}: {site.num_train} examples exceed SecAgg+ max_weight {instr.max_weight}"
             )
         steps = site.steps_per_round()
         folder = state_dir(self.settings, instr.site_state_root)
-        # Secret to the site (not the coordinator's train.seed), the same again on resume.
-        seed = round_seed(site_key(folder), instr.run_id, instr.round)
-        torch.manual_seed(seed)
-        privacy, own = site_privacy(cfg, self.settings)
-        ledger = PrivacyLedger(folder / "privacy-ledger.jsonl")
-        prior, this_run, noise = [], [], 0.0
-        if privacy.enabled:
-            entries = [e for e in ledger.entries() if e.dataset == site.fingerprint]
-            prior = [_spend(e) for e in entries if e.run_id != instr.run_id]
-            this_run = [_spend(e) for e in entries if e.run_id == instr.run_id]
-            try:
-                noise = choose_noise(privacy, own, site.sample_rate(), instr.rounds * steps, prior)
-                check_round(privacy, own, prior + this_run, noise, site.sample_rate(), steps)
-            except BudgetRefusal as refusal:
-                # Refuse before any step: the reply is an error, so no update leaves the site.
-                log.warning("%s refuses round %d: %s", self.settings.site_id, instr.round, refusal)
-                raise
-        trainer = LocalTrainer(
-            site.model, site.data.train, site.collate, cfg.model.task, cfg.train, privacy,
-            site.device, site.precision, noise_multiplier=noise, seed=seed, noise_seed=seed,
-            proximal_mu=instr.proximal_mu,
-            history=AccountantHistory(mechanism=privacy.accountant, history=this_run) if privacy.enabled else None,
-        )
-        result = trainer.train(steps, lr_step_offset=(instr.round - 1) * steps, lr_total_steps=instr.rounds * steps,
-                               desc=self.settings.site_id)
-        site.model = trainer.close()
-        epsilon_run = epsilon_total = math.inf
-        if privacy.enabled:
-            # Recorded before the update is released: what leaves the site is always in the ledger.
-            ledger.append({
-                "dataset": site.fingerprint, "run_id": instr.run_id, "round": instr.round, "steps": result.steps,
-                "sample_rate": result.sample_rate, "noise_multiplier": noise,
-                "max_grad_norm": privacy.max_grad_norm, "delta": privacy.target_delta,
-                "accountant": privacy.accountant,
-            })
-            spent_run = [*this_run, (noise, result.sample_rate, result.steps)]
-            epsilon_run = compute_epsilon(spent_run, privacy.target_delta, privacy.accountant)
-            epsilon_total = compute_epsilon(prior + spent_run, privacy.target_delta, privacy.accountant)
+        budget = self._budget(site, folder)  # refuses DP off, noise 0, delta >= 1/N before any step
+        try:
+            grant, result, privacy = self._train(site, instr, budget, folder, steps)
+        except BudgetRefusal as refusal:  # raised before any step: no update leaves the site
+            log.warning("%s refuses round %d: %s", self.settings.site_id, instr.round, refusal)
+            raise
+        noise = grant.noise
+        epsilon_run, epsilon_total = grant.epsilon_run, grant.epsilon_total
+        this_run = grant.run_history
         arrays = list(get_adapter_arrays(site.model).values())
         report = SiteReport(
             site=self.settings.site_id,
             train_loss=result.train_loss,
             epsilon=epsilon_run,
             epsilon_total=epsilon_total,
-            delta=privacy.target_delta,
+            delta=grant.delta,
             noise_multiplier=noise,
             max_grad_norm=privacy.max_grad_norm,
             sample_rate=result.sample_rate,
@@ -105,6 +75,37 @@ class SiteClient(NumPyClient):
             clipped_values=_clipped(arrays, site.num_train, instr),
         )
         return arrays, site.num_train, report.to_record()
+
+    def _train(self, site: SiteRuntime, instr: RoundInstructions, budget: SiteBudget, folder, steps: int):
+        cfg = site.cfg
+        # Under the ledger's lock from the budget check to the ledger entry (see client/budget.py).
+        with budget.round(instr.run_id, instr.round, instr.rounds, steps, site.sample_rate()) as grant:
+            privacy = budget.terms.privacy_config(cfg.privacy)
+            seeds = dp_seeds(site_key(folder), instr.run_id, instr.round)  # fresh for every attempt
+            torch.manual_seed(seeds.other)
+            trainer = LocalTrainer(
+                site.model, site.data.train, site.collate, cfg.model.task, cfg.train, privacy,
+                site.device, site.precision, noise_multiplier=grant.noise, sample_seed=seeds.sample,
+                noise_seed=seeds.noise, proximal_mu=instr.proximal_mu,
+                history=AccountantHistory(mechanism=privacy.accountant, history=grant.run_history)
+                if privacy.enabled else None,
+            )
+            result = trainer.train(steps, lr_step_offset=(instr.round - 1) * steps,
+                                   lr_total_steps=instr.rounds * steps, desc=self.settings.site_id)
+            site.model = trainer.close()
+            # Recorded before the update is released: what leaves the site is always in the ledger.
+            grant.record(result.steps, result.sample_rate)
+        return grant, result, privacy
+
+    def _budget(self, site: SiteRuntime, folder) -> SiteBudget:
+        policy = site_policy(self.settings, site.cfg)
+        try:
+            terms = run_terms(policy, site.cfg.privacy, site.num_train, self.settings.site_id)
+        except BudgetRefusal as refusal:
+            log.warning("%s refuses: %s", self.settings.site_id, refusal)
+            raise
+        return SiteBudget(PrivacyLedger(folder / "privacy-ledger.jsonl"), self.settings.dataset_name,
+                          site.fingerprint, policy, terms, self.settings.site_id)
 
     def evaluate(self, parameters, config):
         instr = RoundInstructions.from_record(config)
@@ -116,10 +117,6 @@ class SiteClient(NumPyClient):
         report = SiteEvalReport(site=self.settings.site_id, accuracy=metrics.get("accuracy"),
                                 f1=metrics.get("f1"), perplexity=metrics.get("perplexity"))
         return float(metrics["loss"]), len(site.data.eval), report.to_record()
-
-
-def _spend(entry) -> tuple[float, float, int]:
-    return (entry.noise_multiplier, entry.sample_rate, entry.steps)
 
 
 def _clipped(arrays: list[np.ndarray], num_examples: int, instr: RoundInstructions) -> int:

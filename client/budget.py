@@ -1,79 +1,182 @@
-"""The site's own privacy budget: the noise for a run, and refusing work past the budget.
+"""The site's privacy budget: the noise for each round, and refusing what does not fit.
 
-The site, not the coordinator, decides. Its settings (run budget, lifetime cap, clip norm,
-delta, the most noise it accepts) come from its own node config, and what it already spent on
-this data comes from its ledger, composed with the accountant.
+The site, not the coordinator, decides (client/policy.py gives the terms). At a run's first
+round the site fixes the run's plan (rounds, steps per round, sample rate, noise) and records it
+in its ledger with that round. Every round, before any step, under the ledger's lock:
+
+* this run's history plus the remaining planned rounds must fit the run budget, and the whole
+  ledger for this dataset plus them must fit the lifetime cap; the noise is the plan's while the
+  run follows its plan, else recalibrated with the history (more rounds, another batch size or
+  number of epochs, a re-sent round: only what is left is spread over what is asked);
+* a fixed noise multiplier from the run config is used only if it fits;
+* the round itself, composed with the history, is checked against both before training.
+
+What cannot fit is refused (BudgetRefusal) before any step; what is trained is appended to the
+ledger before the update leaves, while the same lock is held, so two runs on one state folder
+cannot both pass the cap.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import logging
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
-from fedtune.config import FedTuneConfig, PrivacyConfig, SitePrivacy
 from fedtune.privacy.accounting import calibrate_noise_multiplier, compute_epsilon
+from fedtune.privacy.ledger import LedgerEntry, PrivacyLedger, RunPlan
 
-from .settings import SiteSettings
+from .policy import BudgetRefusal, RunTerms, SitePolicy
+
+log = logging.getLogger(__name__)
 
 History = list[tuple[float, float, int]]
-_TOLERANCE = 1e-6
+_TOLERANCE = 1e-9
+
+__all__ = ["BudgetRefusal", "RoundGrant", "SiteBudget", "round_noise"]
 
 
-class BudgetRefusal(RuntimeError):
-    """The site will not train: it would spend more privacy than it allows."""
+@dataclass
+class RoundGrant:
+    """What the site allows for one round: train ``steps`` steps with ``noise``."""
+
+    noise: float
+    sample_rate: float
+    steps: int
+    delta: float                    # this run's delta
+    lifetime_delta: float           # the delta the dataset's whole ledger is composed at
+    accountant: str
+    run_history: History            # this run before the round
+    prior: History                  # every other run on this dataset
+    plan: Optional[RunPlan]         # set on a run's first round: recorded with it
+    epsilon_run: float = math.nan   # after record()
+    epsilon_total: float = math.nan
+    _record: Optional[Callable[[int, float], LedgerEntry]] = field(default=None, repr=False)
+
+    def record(self, steps: int, sample_rate: float) -> LedgerEntry:
+        """Append what was trained to the ledger (before the update leaves the site)."""
+        if self._record is None:
+            raise RuntimeError("this grant was already recorded")
+        entry, self._record = self._record(steps, sample_rate), None
+        spent = [*self.run_history, (self.noise, sample_rate, steps)]
+        self.epsilon_run = compute_epsilon(spent, self.delta, self.accountant)
+        self.epsilon_total = compute_epsilon(self.prior + spent, self.lifetime_delta, self.accountant)
+        return entry
 
 
-def site_privacy(cfg: FedTuneConfig, settings: SiteSettings) -> tuple[PrivacyConfig, SitePrivacy]:
-    """The run's [privacy] with this site's own settings applied (node config wins)."""
-    own = cfg.federation.site_privacy.get(settings.site_id, SitePrivacy())
-    updates = {k: v for k, v in own.model_dump().items() if v is not None}
-    for key in SitePrivacy.model_fields:
-        value = getattr(settings, key, None)
-        if value is not None:
-            updates[key] = value
-    own = own.model_copy(update=updates)
-    privacy = cfg.privacy.model_copy(update={
-        k: getattr(own, k) for k in ("target_epsilon", "target_delta", "max_grad_norm") if getattr(own, k) is not None
-    })
-    return privacy, own
-
-
-def choose_noise(privacy: PrivacyConfig, own: SitePrivacy, sample_rate: float, total_steps: int,
-                 prior: History) -> float:
-    """Noise so that all of this run's planned steps cost at most the run's budget and, with
-    what the site spent before (``prior``), at most its lifetime cap; or refuse."""
-    if privacy.noise_multiplier is not None:
-        sigma = privacy.noise_multiplier
+def round_noise(terms: RunTerms, policy: SitePolicy, *, plan: Optional[RunPlan], run_rounds_done: int,
+                run_history: History, prior: History, rounds: int, steps: int, sample_rate: float,
+                lifetime_delta: float, site: str = "site") -> tuple[float, float, Optional[RunPlan]]:
+    """(noise, the run's budget, the plan to record) for the next round, or BudgetRefusal."""
+    budget = terms.target_epsilon if plan is None else min(plan.target_epsilon, terms.target_epsilon)
+    delta = terms.delta if plan is None else min(plan.delta, terms.delta)
+    mech = terms.accountant
+    if not terms.private:
+        return 0.0, budget, None
+    if not terms.enforce and terms.fixed_noise is not None:  # the site allows what the run asks
+        return terms.fixed_noise, budget, None
+    if plan is None:
+        remaining = max(1, rounds - run_rounds_done)
     else:
-        sigma = calibrate_noise_multiplier(privacy.target_epsilon, privacy.target_delta, sample_rate,
-                                           total_steps, privacy.accountant)
-    lifetime = own.lifetime_epsilon
-    if lifetime is not None:
-        spent = compute_epsilon(prior, privacy.target_delta, privacy.accountant)
-        if spent >= lifetime:
-            raise BudgetRefusal(f"lifetime budget spent: epsilon {spent:.3f} of {lifetime:g} on this data")
-        planned = [*prior, (sigma, sample_rate, total_steps)]
-        if compute_epsilon(planned, privacy.target_delta, privacy.accountant) > lifetime:
-            try:
-                sigma = calibrate_noise_multiplier(lifetime, privacy.target_delta, sample_rate, total_steps,
-                                                   privacy.accountant, prior_history=prior or None)
-            except ValueError:
-                sigma = float("inf")
-    if sigma > own.max_noise_multiplier:
+        remaining = max(1, max(plan.rounds, rounds) - run_rounds_done)
+    planned = steps * remaining
+
+    def fits(sigma: float, steps_ahead: int) -> bool:
+        ahead = (sigma, sample_rate, steps_ahead)
+        return (compute_epsilon([*run_history, ahead], delta, mech) <= budget * (1 + _TOLERANCE)
+                and compute_epsilon([*prior, *run_history, ahead], lifetime_delta, mech)
+                <= policy.lifetime_epsilon * (1 + _TOLERANCE))
+
+    follows_plan = (plan is not None and rounds == plan.rounds and steps == plan.steps_per_round
+                    and sample_rate == plan.sample_rate and run_rounds_done < plan.rounds)
+    if terms.fixed_noise is not None:
+        if not fits(terms.fixed_noise, planned):
+            raise BudgetRefusal(
+                f"{site}: the run's fixed noise multiplier {terms.fixed_noise:g} for {remaining} more round(s) of "
+                f"{steps} steps does not fit this site's budget (run epsilon {budget:g}, lifetime "
+                f"{policy.lifetime_epsilon:g}); it is used only if the whole planned run fits")
+        sigma = terms.fixed_noise
+    elif follows_plan and fits(plan.noise_multiplier, planned):
+        sigma = plan.noise_multiplier
+    else:
+        sigma = _calibrate(budget, delta, sample_rate, planned, mech, run_history, site, "this run's budget")
+        if not fits(sigma, planned):  # the lifetime cap binds: more noise
+            sigma = max(sigma, _calibrate(policy.lifetime_epsilon, lifetime_delta, sample_rate, planned, mech,
+                                          prior + run_history, site, "the lifetime cap"))
+    if sigma > policy.max_noise_multiplier:
         raise BudgetRefusal(
-            f"the run's {total_steps} planned steps fit the remaining budget only with noise multiplier "
-            f"{sigma:.3g}, above this site's maximum {own.max_noise_multiplier:g}"
-        )
-    return sigma
+            f"{site}: {remaining} more round(s) of {steps} steps fit what is left of the budget only with noise "
+            f"multiplier {sigma:.3g}, above this site's maximum {policy.max_noise_multiplier:g}")
+    # The round itself, with everything before it (the check that makes any plan safe).
+    if not fits(sigma, steps):
+        raise BudgetRefusal(f"{site}: this round would take the site past its budget")
+    new_plan = None
+    if plan is None and run_rounds_done == 0:
+        new_plan = RunPlan(rounds=rounds, steps_per_round=steps, sample_rate=sample_rate, noise_multiplier=sigma,
+                           target_epsilon=budget, delta=delta)
+    return sigma, budget, new_plan
 
 
-def check_round(privacy: PrivacyConfig, own: SitePrivacy, spent: History, sigma: float, sample_rate: float,
-                steps: int) -> Optional[float]:
-    """Before a round: refuse if this round would take the site past its lifetime cap.
-    Returns the epsilon the site would reach."""
-    if own.lifetime_epsilon is None:
-        return None
-    after = compute_epsilon([*spent, (sigma, sample_rate, steps)], privacy.target_delta, privacy.accountant)
-    if after > own.lifetime_epsilon * (1 + _TOLERANCE):
-        raise BudgetRefusal(f"this round would bring epsilon to {after:.3f}, past the lifetime cap "
-                            f"{own.lifetime_epsilon:g}")
-    return after
+def _calibrate(epsilon: float, delta: float, q: float, steps: int, mech: str, history: History, site: str,
+               what: str) -> float:
+    spent = compute_epsilon(history, delta, mech)
+    if spent >= epsilon * (1 - 1e-6):
+        raise BudgetRefusal(f"{site}: {what} is spent (epsilon {spent:.3f} of {epsilon:g})")
+    try:
+        return calibrate_noise_multiplier(epsilon, delta, q, steps, mech, prior_history=history or None)
+    except ValueError:
+        raise BudgetRefusal(f"{site}: what is left of {what} (epsilon {epsilon - spent:.3g}) fits no noise "
+                            "multiplier") from None
+
+
+class SiteBudget:
+    """One site's budget on one dataset: its ledger, its policy and this run's terms."""
+
+    def __init__(self, ledger: PrivacyLedger, dataset: str, fingerprint: Optional[str], policy: SitePolicy,
+                 terms: RunTerms, site: str = "site"):
+        self.ledger, self.dataset, self.fingerprint = ledger, dataset, fingerprint
+        self.policy, self.terms, self.site = policy, terms, site
+
+    def entries(self) -> list[LedgerEntry]:
+        return [e for e in self.ledger.entries() if e.of_dataset(self.dataset, self.fingerprint)]
+
+    @contextmanager
+    def round(self, run_id: str, rnd: int, rounds: int, steps: int, sample_rate: float) -> Iterator[RoundGrant]:
+        """Hold the ledger's lock, decide the round (or refuse), and yield the grant; the caller
+        trains and calls ``grant.record`` inside the ``with``."""
+        with self.ledger.locked():
+            entries = self.entries()
+            self._warn_if_changed(entries)
+            run = [e for e in entries if e.run_id == run_id]
+            plan = next((e.plan for e in run if e.plan is not None), None)
+            history = lambda es: [(e.noise_multiplier, e.sample_rate, e.steps) for e in es]  # noqa: E731
+            prior, run_history = history([e for e in entries if e.run_id != run_id]), history(run)
+            lifetime_delta = min([self.terms.delta, *(e.delta for e in entries)])
+            if any(e.round == rnd for e in run):
+                log.warning("%s: run %s round %d is already in the ledger; a re-sent round spends what is left of "
+                            "the run's budget, with fresh randomness", self.site, run_id, rnd)
+            noise, budget, new_plan = round_noise(
+                self.terms, self.policy, plan=plan, run_rounds_done=len(run), run_history=run_history, prior=prior,
+                rounds=rounds, steps=steps, sample_rate=sample_rate, lifetime_delta=lifetime_delta, site=self.site)
+            delta = self.terms.delta if plan is None else min(plan.delta, self.terms.delta)
+            grant = RoundGrant(noise=noise, sample_rate=sample_rate, steps=steps, delta=delta,
+                               lifetime_delta=lifetime_delta, accountant=self.terms.accountant,
+                               run_history=run_history, prior=prior, plan=new_plan)
+
+            def record(done: int, q: float) -> LedgerEntry:
+                fields = {"dataset": self.dataset, "run_id": run_id, "round": rnd, "steps": done, "sample_rate": q,
+                          "noise_multiplier": noise, "max_grad_norm": self.terms.max_grad_norm, "delta": delta,
+                          "accountant": self.terms.accountant, "fingerprint": self.fingerprint,
+                          "plan": new_plan.model_dump() if new_plan is not None else None}
+                return self.ledger.append({k: v for k, v in fields.items() if v is not None})
+
+            grant._record = record
+            yield grant
+
+    def _warn_if_changed(self, entries: list[LedgerEntry]) -> None:
+        last = next((e.fingerprint for e in reversed(entries) if e.fingerprint), None)
+        if last is not None and self.fingerprint is not None and last != self.fingerprint:
+            log.warning("%s: the data of dataset '%s' changed since its last training (content hash differs); "
+                        "its lifetime cap still counts every earlier run on it", self.site, self.dataset)

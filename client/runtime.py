@@ -113,10 +113,12 @@ def _build(config_toml: str, settings: SiteSettings) -> SiteRuntime:
 
 
 def state_dir(settings: SiteSettings, site_state_root: str) -> Path:
-    """Where the site keeps its privacy ledger: its own state-dir, the simulation's folder for
-    simulated sites, else ~/.fedtune/sites/<site-id>."""
+    """Where the site keeps its privacy ledger and DP key: its own state-dir, else
+    ~/.fedtune/sites/<site-id>. The coordinator's ``site_state_root`` is used for simulated sites
+    only (their state lives in the simulation's folder); a deployed site never lets the
+    coordinator move its ledger (a fresh folder would be an empty ledger)."""
     if settings.state_dir is not None:
         return settings.state_dir
-    if site_state_root:
+    if site_state_root and settings.simulated:
         return Path(site_state_root) / settings.site_id
     return Path.home() / ".fedtune" / "sites" / settings.site_id

@@ -1,39 +1,66 @@
 """The site's secret randomness for DP-SGD.
 
-DP's guarantee needs the noise (and the Poisson sample) to be unknown to whoever sees the
-update. Seeding them from the run config would let the coordinator, which writes that config,
-regenerate the noise and subtract it. They are derived from a random key that only the site holds,
-kept in its state folder, so a resumed run still draws the same values.
+DP's guarantee needs the Poisson sample and the noise to be unknown to whoever sees the update,
+and the accountant assumes the two are independent and that every training it counts drew
+fresh randomness. So each training attempt gets two seeds, for the sampler and for the noise,
+each derived with its own domain label from a random key only the site holds (kept in its state
+folder) and a fresh nonce from the OS's secure random source. Nothing the coordinator chooses
+(run id, round, the config's seed) can make two attempts draw the same values.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 import secrets
+import time
 from pathlib import Path
+from typing import NamedTuple
 
 KEY_FILE = "dp-noise.key"
+KEY_BYTES = 32
+
+
+class DPSeeds(NamedTuple):
+    sample: int   # the Poisson sampler's generator
+    noise: int    # the Gaussian noise's generator
+    other: int    # everything else random in training (dropout): never the sampler's or the noise's
 
 
 def site_key(state_dir: Path) -> bytes:
+    """The site's 32-byte secret, created once. Written to a temp file, synced, then linked into
+    place, so a reader never sees it incomplete; a short read is retried, then refused."""
     path = Path(state_dir) / KEY_FILE
-    if not path.is_file():
+    if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{KEY_FILE}.{secrets.token_hex(8)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # another process of this site created it first
-            return path.read_bytes()
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(secrets.token_bytes(32))
-            fh.flush()
-            os.fsync(fh.fileno())
-    key = path.read_bytes()
-    if len(key) != 32:
-        raise RuntimeError(f"{path}: corrupt DP noise key ({len(key)} bytes); delete it to draw a new one")
-    return key
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(secrets.token_bytes(KEY_BYTES))
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp, path)  # atomic, and fails if another process of this site won the race
+            except FileExistsError:
+                pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    for attempt in range(5):
+        key = path.read_bytes()
+        if len(key) == KEY_BYTES:
+            return key
+        time.sleep(0.05 * (attempt + 1))
+    raise RuntimeError(f"{path}: corrupt DP noise key ({len(key)} bytes); delete it to draw a new one")
 
 
-def round_seed(key: bytes, run_id: str, rnd: int) -> int:
-    digest = hashlib.sha256(key + f"|{run_id}|{rnd}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 2
+def dp_seeds(key: bytes, run_id: str, rnd: int) -> DPSeeds:
+    """Fresh, independent seeds for one training attempt of (run, round)."""
+    nonce = secrets.token_bytes(16)
+
+    def derive(domain: str) -> int:
+        msg = f"fedtune-dp/{domain}/{run_id}/{rnd}/".encode() + nonce
+        return int.from_bytes(hmac.new(key, msg, hashlib.sha256).digest()[:8], "little") >> 1
+
+    return DPSeeds(sample=derive("poisson-sample"), noise=derive("gaussian-noise"), other=derive("other"))

@@ -8,6 +8,10 @@ from typing import Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 
+DEFAULT_LIFETIME_EPSILON = 10.0
+DEFAULT_MAX_NOISE = 20.0
+
+
 class SiteSettings(BaseModel):
     """Node-config keys (kebab-case on the command line) a site admin sets."""
 
@@ -24,16 +28,31 @@ class SiteSettings(BaseModel):
     # A site that requires SecAgg+ refuses to send a plain update.
     require_secure_aggregation: bool = Field(True, alias="require-secure-aggregation")
     partition_id: Optional[int] = Field(None, alias="partition-id")  # simulation only
-    # The site's own privacy budget (see fedtune.config.SitePrivacy); unset: the run's.
+    # The site's own privacy policy (client/policy.py). The run config can only make it stricter.
+    # Run budget: the smaller of this and the run's target_epsilon (unset: the run's).
     target_epsilon: Optional[float] = Field(None, alias="target-epsilon", gt=0)
+    # Delta: the smaller of this and the run's (unset: the run's); at or above 1/rows: refused.
     target_delta: Optional[float] = Field(None, alias="target-delta", gt=0, lt=1)
     max_grad_norm: Optional[float] = Field(None, alias="max-grad-norm", gt=0)
-    lifetime_epsilon: Optional[float] = Field(None, alias="lifetime-epsilon", gt=0)
-    max_noise_multiplier: Optional[float] = Field(None, alias="max-noise-multiplier", gt=0)
+    # The cap over every run on this site's dataset, composed from its ledger. Finite by default.
+    lifetime_epsilon: float = Field(DEFAULT_LIFETIME_EPSILON, alias="lifetime-epsilon", gt=0)
+    max_noise_multiplier: float = Field(DEFAULT_MAX_NOISE, alias="max-noise-multiplier", gt=0)
+    # Train without DP (privacy.enabled = false), with noise 0, or past the budget: only when the
+    # site itself allows it (tests, audits). The run config alone never can.
+    allow_non_private: bool = Field(False, alias="allow-non-private")
+    # The name the lifetime cap follows (default: the data file's name, or the simulated site's id):
+    # adding rows to the file does not reset it.
+    dataset: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9._-]{1,128}$")
 
     @property
     def simulated(self) -> bool:
         return self.data_path is None
+
+    @property
+    def dataset_name(self) -> str:
+        if self.dataset is not None:
+            return self.dataset
+        return self.site_id if self.data_path is None else Path(self.data_path).stem
 
 
 def settings_from_node_config(node_config: dict) -> SiteSettings:

@@ -112,14 +112,20 @@ class PrivacyConfig(_Section):
 
 
 class SitePrivacy(_Section):
-    """One site's own privacy settings; unset keys follow [privacy]. In a deployment the site
-    sets these itself in its node config (kebab-case keys)."""
+    """One site's privacy settings in the run config (``federation.site_privacy``).
+
+    In simulation these are the simulated site's own settings (a simulation convenience: the
+    person running it owns every site); the key ``"*"`` applies to every simulated site, a site's
+    own key overrides it. A deployed site takes its settings from its own node config and reads
+    these only where they are stricter: a smaller epsilon, delta, lifetime cap or noise maximum.
+    Unset keys: the site's defaults (client/settings.py)."""
 
     target_epsilon: Optional[float] = Field(None, gt=0)       # this run's budget at the site
     target_delta: Optional[float] = Field(None, gt=0, lt=1)
     max_grad_norm: Optional[float] = Field(None, gt=0)
     lifetime_epsilon: Optional[float] = Field(None, gt=0)     # the site's cap over all runs on its data
-    max_noise_multiplier: float = Field(20.0, gt=0)           # more noise than this: refuse instead
+    max_noise_multiplier: Optional[float] = Field(None, gt=0)  # more noise than this: refuse instead
+    allow_non_private: Optional[bool] = None                  # simulation only (a deployed site ignores it)
 
 
 class FederationConfig(_Section):
@@ -146,8 +152,9 @@ class FederationConfig(_Section):
     early_stopping_patience: int = Field(0, ge=0)  # rounds without improvement; 0: off
     early_stopping_metric: Literal["accuracy", "f1", "loss", "perplexity"] = "accuracy"
     merge_final: bool = False                     # also save the base model with the adapter merged
-    # Simulation: each site's privacy settings, by site id ("site-0", ...), and where the
-    # simulated sites keep their state (privacy ledger); default: the run directory's sites/.
+    # Simulation: each site's privacy settings, by site id ("site-0", ...; "*": every site), and
+    # where the simulated sites keep their state (privacy ledger); default: the run directory's
+    # sites/. A deployed site ignores site_state_dir and reads site_privacy only where stricter.
     site_privacy: dict[str, SitePrivacy] = {}
     site_state_dir: Optional[Path] = None
     # The run's name in the sites' ledgers; default: a fresh random id per run.

@@ -122,7 +122,10 @@ def run_train_local(cfg: FedTuneConfig, out_dir: Path) -> dict:
         )
     trainer = LocalTrainer(
         site.model, site.data.train, site.collate, cfg.model.task, cfg.train, cfg.privacy,
-        site.device, site.precision, noise_multiplier=noise, seed=cfg.train.seed,
+        site.device, site.precision, noise_multiplier=noise,
+        # DP: the Poisson sample and the noise from the OS's secure source, never the public
+        # train.seed (saved in config.toml). Without DP the shuffle may follow it (reproducible).
+        sample_seed=None if cfg.privacy.enabled else cfg.train.seed,
     )
     result = trainer.train(total_steps, desc="train-local")
     model = trainer.close()

@@ -63,6 +63,18 @@ def compute_epsilon(history: list[tuple[float, float, int]], delta: float, mecha
         return 0.0
     if any(n <= 0 for n, _, _ in history):
         return math.inf
+    # Composition does not depend on order: merge calls with the same noise and sample rate, so
+    # that a plan of R rounds and the R ledger entries it becomes compose to the same number.
+    merged: dict[tuple[float, float], int] = {}
+    for n, q, s in history:
+        merged[(n, q)] = merged.get((n, q), 0) + s
+    return _composed_epsilon(tuple((n, q, s) for (n, q), s in merged.items()), float(delta), mechanism)
+
+
+@lru_cache(maxsize=4096)
+def _composed_epsilon(history: tuple[tuple[float, float, int], ...], delta: float, mechanism: Mechanism) -> float:
+    # Pure and called with the same history again and again (every budget check of a round):
+    # remember the result instead of composing again.
     accountant = create_accountant(mechanism)
     accountant.history = list(history)
     with warnings.catch_warnings():

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -44,12 +44,27 @@ class LedgerError(RuntimeError):
     """The ledger or its head was corrupted or tampered with."""
 
 
+class RunPlan(BaseModel):
+    """A run's plan as the site fixed it at the run's first round (recorded with that entry)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rounds: int = Field(ge=1)
+    steps_per_round: int = Field(ge=1)
+    sample_rate: float = Field(gt=0, le=1)
+    noise_multiplier: float = Field(ge=0)
+    target_epsilon: float = Field(gt=0)
+    delta: float = Field(gt=0, lt=1)
+
+
 class LedgerEntry(BaseModel):
     """One DP training call at this site."""
 
     model_config = ConfigDict(extra="forbid")
 
-    dataset: str  # dataset_fingerprint() of what the site trained on
+    # The site's name for its data (the lifetime cap follows it); in ledgers written before
+    # names, the content hash (then ``fingerprint`` is absent).
+    dataset: str
     run_id: str
     round: int
     steps: int = Field(ge=0)
@@ -61,12 +76,21 @@ class LedgerEntry(BaseModel):
     time: str  # ISO-8601 UTC
     prev_hash: str  # hash of the previous entry ("" for the first)
     hash: str  # sha256 of the canonical JSON of all other fields
+    # Optional fields, absent (not null) when unset, so entries written before them still verify.
+    fingerprint: Optional[str] = None  # dataset_fingerprint() of the data at this call
+    plan: Optional[RunPlan] = None     # on a run's first entry: the plan the site fixed
 
     def expected_hash(self) -> str:
-        return _sha256_json(self.model_dump(exclude={"hash"}))
+        return _sha256_json(self.model_dump(exclude={"hash"}, exclude_none=True))
 
     def line(self) -> str:
-        return _canonical(self.model_dump())
+        return _canonical(self.model_dump(exclude_none=True))
+
+    def of_dataset(self, name: str, fingerprint: Optional[str] = None) -> bool:
+        """On the dataset ``name``; an entry from before dataset names counts where its content
+        hash is ``fingerprint``."""
+        return self.dataset == name or (self.fingerprint is None and fingerprint is not None
+                                        and self.dataset == fingerprint)
 
 
 class PrivacyLedger:
@@ -74,6 +98,16 @@ class PrivacyLedger:
         self.path = Path(path)
         self.head_path = self.path.with_name(self.path.name + ".head")
         self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self._depth = 0  # this instance's nesting of locked(): the flock is taken once
+
+    @contextmanager
+    def locked(self) -> Iterator["PrivacyLedger"]:
+        """Hold the ledger's lock across a check and the append it leads to: another process
+        (or another PrivacyLedger on the same file) waits, so two trainings cannot both pass a
+        budget check before either is recorded."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._locked():
+            yield self
 
     def entries(self) -> list[LedgerEntry]:
         """All entries, after verifying the whole chain and the head (raises LedgerError)."""
@@ -128,11 +162,21 @@ class PrivacyLedger:
     @contextmanager
     def _locked(self) -> Iterator[None]:
         # flock is dropped by the kernel when the holder dies, so a killed writer never wedges it.
-        with open(self.lock_path, "a") as fh:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        # Each open() is its own lock holder: a second PrivacyLedger waits, this one re-enters.
+        if self._depth:
+            self._depth += 1
             try:
                 yield
             finally:
+                self._depth -= 1
+            return
+        with open(self.lock_path, "a") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            self._depth = 1
+            try:
+                yield
+            finally:
+                self._depth = 0
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
     def _fail(self, what: str) -> LedgerError:

@@ -74,7 +74,7 @@ class LocalTrainer:
         precision: str,
         noise_multiplier: float = 0.0,
         history: Optional[AccountantHistory] = None,
-        seed: int = 0,
+        sample_seed: Optional[int] = None,
         proximal_mu: float = 0.0,
         noise_seed: Optional[int] = None,
     ):
@@ -97,10 +97,16 @@ class LocalTrainer:
             raise ValueError(
                 "privacy.grad_sample_mode = 'ghost' supports sequence-classification in fp32/bf16 only; use 'hooks'"
             )
-        self._generator = torch.Generator().manual_seed(seed)
-        # DP noise must be unpredictable to whoever sees the result: unless a caller passes a
-        # seed it keeps secret (a site's key), it comes from the OS's secure random source.
-        self._noise_seed = noise_seed if noise_seed is not None else secrets.randbits(62)
+        # The Poisson sample and the DP noise must be unpredictable to whoever sees the result
+        # and independent of each other (the accountant assumes both): each has its own seed,
+        # from the OS's secure random source unless the caller passes secrets it keeps (a site's
+        # key, client/secret.py). Never the config's public train.seed.
+        if privacy_cfg.enabled and sample_seed is not None and sample_seed == noise_seed:
+            raise ValueError("the Poisson sampler and the DP noise need independent seeds, got the same one twice")
+        self._generator = torch.Generator().manual_seed(
+            sample_seed if sample_seed is not None else secrets.randbits(63))
+        self._noise_seed = noise_seed if noise_seed is not None else secrets.randbits(63)
+        self._noise_generator: Optional[torch.Generator] = None
         self.params = list(trainable_parameters(model).values())
         if not self.params:
             raise ValueError("the model has no trainable parameters")
@@ -143,12 +149,16 @@ class LocalTrainer:
             poisson_sampling=True,
             grad_sample_mode=self.privacy.grad_sample_mode,
             criterion=torch.nn.CrossEntropyLoss(),
-            noise_generator=torch.Generator(device=self.device).manual_seed(self._noise_seed),
+            noise_generator=self._noise_gen(),
         )
         if self.privacy.grad_sample_mode == "ghost":
             self.model, self.optimizer, self.criterion, self.loader = out
         else:
             self.model, self.optimizer, self.loader = out
+
+    def _noise_gen(self) -> torch.Generator:
+        self._noise_generator = torch.Generator(device=self.device).manual_seed(self._noise_seed)
+        return self._noise_generator
 
     # -- one step -------------------------------------------------------------------------
 

@@ -60,7 +60,7 @@ def _trainer(model: str, mode: str, precision: str, batch, device):
     # to set up Poisson sampling and the noise scale.
     data = TokenizedDataset([row.tolist() for row in batch[0]], batch[2].tolist())
     return LocalTrainer(net, data, lambda items: items, cfg.model.task, cfg.train, cfg.privacy, device,
-                        precision, noise_multiplier=1.0 if dp else 0.0, seed=0)
+                        precision, noise_multiplier=1.0 if dp else 0.0)
 
 
 def _time_interleaved(trainers: dict, batch, repeats: int, device) -> dict:

@@ -1,0 +1,100 @@
+"""The site's privacy policy, and the terms on which it trains one run.
+
+The site's own settings (node config, ``fedtune client`` flags, its settings file) are the only
+source of truth. The run config is the coordinator's request: it can make a site's terms
+stricter (a smaller epsilon or delta), never looser. In simulation, ``federation.site_privacy``
+of the run config stands in for each simulated site's node config (the person running a
+simulation owns every site), so there it sets the site's own policy.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from pydantic import BaseModel
+
+from fedtune.config import FedTuneConfig, PrivacyConfig
+
+from .settings import SiteSettings
+
+_POLICY_KEYS = ("target_epsilon", "target_delta", "max_grad_norm", "lifetime_epsilon", "max_noise_multiplier",
+                "allow_non_private")
+_STRICTER_IS_SMALLER = ("target_epsilon", "target_delta", "lifetime_epsilon", "max_noise_multiplier")
+
+
+class BudgetRefusal(RuntimeError):
+    """The site will not train: the request breaks its privacy policy or budget."""
+
+
+class SitePolicy(BaseModel):
+    """What one site accepts, whatever a run asks."""
+
+    target_epsilon: Optional[float] = None   # run budget cap (None: the run's target)
+    target_delta: Optional[float] = None
+    max_grad_norm: Optional[float] = None
+    lifetime_epsilon: float
+    max_noise_multiplier: float
+    allow_non_private: bool = False
+
+    def describe(self) -> str:
+        run = f"at most {self.target_epsilon:g} per run" if self.target_epsilon is not None else "the run's target"
+        dp = "NON-PRIVATE TRAINING ALLOWED (no DP guarantee)" if self.allow_non_private else "DP-SGD required"
+        return (f"{dp}; epsilon {run}; lifetime cap {self.lifetime_epsilon:g} per dataset; "
+                f"noise multiplier at most {self.max_noise_multiplier:g}"
+                + (f"; delta at most {self.target_delta:g}" if self.target_delta is not None else ""))
+
+
+class RunTerms(BaseModel):
+    """The privacy terms this site trains one run under: the run's [privacy] bounded by the site."""
+
+    private: bool                   # DP-SGD (False only where the site allows non-private training)
+    target_epsilon: float           # the run budget: min(site, run)
+    delta: float                    # min(site, run)
+    max_grad_norm: float
+    accountant: str
+    fixed_noise: Optional[float]    # the run's fixed noise multiplier, if it asked for one
+    enforce: bool = True            # False only with allow_non_private
+
+    def privacy_config(self, base: PrivacyConfig) -> PrivacyConfig:
+        return base.model_copy(update={"enabled": self.private, "target_epsilon": self.target_epsilon,
+                                       "target_delta": self.delta, "max_grad_norm": self.max_grad_norm})
+
+
+def site_policy(settings: SiteSettings, cfg: FedTuneConfig) -> SitePolicy:
+    """The site's policy: its own settings; the run config's ``site_privacy`` for this site
+    only where stricter, except in simulation where it is the simulated site's own setting."""
+    own = {k: getattr(settings, k) for k in _POLICY_KEYS}
+    table = cfg.federation.site_privacy
+    for entry in (table.get("*"), table.get(settings.site_id)):
+        if entry is None:
+            continue
+        for key, value in entry.model_dump(exclude_none=True).items():
+            if settings.simulated:
+                own[key] = value
+            elif key in _STRICTER_IS_SMALLER:
+                own[key] = value if own[key] is None else min(own[key], value)
+            # a deployed site ignores the coordinator's max_grad_norm and allow_non_private
+    return SitePolicy(**own)
+
+
+def run_terms(policy: SitePolicy, privacy: PrivacyConfig, num_examples: int, site: str = "site") -> RunTerms:
+    """The terms for this run, or a refusal before any step: DP off or noise 0 unless the site
+    allows it, and a delta at or above 1/N for the site's N rows."""
+    if not privacy.enabled and not policy.allow_non_private:
+        raise BudgetRefusal(f"{site}: the run asks to train without differential privacy; this site requires "
+                            "DP-SGD (a site admin can allow non-private training with allow-non-private)")
+    if privacy.noise_multiplier is not None and privacy.noise_multiplier <= 0 and not policy.allow_non_private:
+        raise BudgetRefusal(f"{site}: the run asks for noise multiplier {privacy.noise_multiplier:g} (no privacy); "
+                            "this site requires DP noise")
+    epsilon = privacy.target_epsilon if policy.target_epsilon is None else min(policy.target_epsilon,
+                                                                                privacy.target_epsilon)
+    delta = privacy.target_delta if policy.target_delta is None else min(policy.target_delta, privacy.target_delta)
+    if privacy.enabled and num_examples > 0 and delta >= 1.0 / num_examples:
+        raise BudgetRefusal(f"{site}: delta {delta:g} is at or above 1/N for this site's {num_examples} rows "
+                            "(a delta that large allows releasing a row outright); use a smaller target_delta")
+    return RunTerms(
+        private=privacy.enabled, target_epsilon=epsilon, delta=delta,
+        max_grad_norm=policy.max_grad_norm or privacy.max_grad_norm, accountant=privacy.accountant,
+        fixed_noise=privacy.noise_multiplier, enforce=not policy.allow_non_private,
+    )
+

@@ -1,0 +1,343 @@
+"""The coordinator as adversary: a site enforces its own privacy, whatever the run config says.
+
+Each test drives one site's client (``SiteClient``) directly, with its settings from a node
+config as in a deployment, and sends it what a hostile coordinator could send. Whatever it
+sends, the site either refuses before any step or stays within its budget, and that is checked
+by recomputing epsilon from the site's own ledger file with the accountant, never from what the
+site reports. Positive controls (an honest run, a resume with the same rounds) must end close
+to the target, so that a site that refuses everything fails this suite.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from fedtune import tiny
+from fedtune.adapters import get_adapter_arrays
+from fedtune.client import agent as agent_module
+from fedtune.client.agent import SiteClient
+from fedtune.client.budget import BudgetRefusal, SiteBudget
+from fedtune.client.policy import SitePolicy, run_terms
+from fedtune.client import runtime as runtime_module
+from fedtune.client.runtime import site_runtime
+from fedtune.client.secret import KEY_FILE, site_key
+from fedtune.client.settings import settings_from_node_config
+from fedtune.config import PrivacyConfig
+from fedtune.federation.messages import RoundInstructions
+from fedtune.privacy.accounting import compute_epsilon
+from fedtune.privacy.ledger import PrivacyLedger
+
+from helpers import tiny_config
+
+DELTA = 1e-5
+SITE_EPSILON = 2.0   # the site's own run budget (node config), the run asks for 8
+ROWS = 64            # batch 16: sample rate 1/4, 4 steps per epoch
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    return tiny.write_csv(tiny.separable_rows(ROWS, seed=5), tmp_path_factory.mktemp("site") / "records.csv")
+
+
+@pytest.fixture
+def trainings(monkeypatch):
+    """Counts the trainers the site builds: a refusal must come before any of them."""
+    built = []
+    real = agent_module.LocalTrainer
+
+    def spy(*args, **kwargs):
+        trainer = real(*args, **kwargs)
+        built.append(trainer)
+        return trainer
+
+    monkeypatch.setattr(agent_module, "LocalTrainer", spy)
+    return built
+
+
+class Site:
+    """One deployed site (node config) facing a coordinator that sends whatever it likes."""
+
+    def __init__(self, model, data_file, state, **node):
+        self.state = state
+        self.node = {"site-id": "site-a", "data-path": str(data_file), "state-dir": str(state),
+                     "test-fraction": 0.0, **node}
+        self.model = model
+        self.arrays = None
+
+    def config(self, *overrides):
+        return tiny_config(self.model, overrides=['data.labels=["neg","pos"]', "train.epochs=1", "privacy.accountant=rdp",
+                                                   "privacy.target_epsilon=8", *overrides])
+
+    def send(self, run_id, rnd, rounds, *overrides, state_root="") -> str:
+        """One train message; 'trained' or 'refused'."""
+        settings = settings_from_node_config(self.node)
+        toml = self.config(*overrides).to_toml()
+        if self.arrays is None:
+            self.arrays = list(get_adapter_arrays(site_runtime(toml, settings).model).values())
+        instr = RoundInstructions(run_id=run_id, round=rnd, rounds=rounds, config=toml, site_state_root=state_root)
+        try:
+            arrays, _, _ = SiteClient(settings).fit([a.copy() for a in self.arrays], instr.to_record())
+        except BudgetRefusal:
+            return "refused"
+        self.arrays = arrays
+        return "trained"
+
+    def ledger(self) -> list[dict]:
+        path = self.state / "privacy-ledger.jsonl"
+        PrivacyLedger(path).entries()  # the chain and head verify
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def epsilon(self, run_id=None, delta=DELTA) -> float:
+        """Recomputed from the ledger file with the accountant, not from anything the site said."""
+        entries = [e for e in self.ledger() if run_id is None or e["run_id"] == run_id]
+        if not entries:
+            return 0.0
+        mechanisms = {e["accountant"] for e in entries}
+        assert len(mechanisms) == 1
+        return compute_epsilon([(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries], delta,
+                               mechanisms.pop())
+
+
+@pytest.fixture
+def site(tiny_models, data_file, tmp_path):
+    return Site(tiny_models["bert"], data_file, tmp_path / "state", **{"target-epsilon": SITE_EPSILON})
+
+
+# -- positive controls: an honest coordinator gets (close to) the whole budget ------------------
+
+def test_an_honest_run_spends_close_to_the_sites_budget(site, trainings):
+    assert [site.send("honest", r, 3) for r in (1, 2, 3)] == ["trained"] * 3
+    assert len(trainings) == 3
+    assert 0.8 * SITE_EPSILON <= site.epsilon("honest") <= SITE_EPSILON  # the site's 2, not the run's 8
+    entries = site.ledger()
+    assert entries[0]["plan"]["rounds"] == 3 and entries[0]["plan"]["steps_per_round"] == 4
+    assert len({e["noise_multiplier"] for e in entries}) == 1  # the plan's noise, every round
+    assert all(e["dataset"] == "records" for e in entries)     # named after the file, not its bytes
+
+
+def test_a_resume_with_the_same_rounds_finishes_the_plan(site, trainings):
+    assert [site.send("resumed", r, 3) for r in (1, 2)] == ["trained"] * 2
+    runtime_module._CACHE.clear()  # a fresh process, as after a restart
+    assert site.send("resumed", 3, 3) == "trained"
+    assert 0.8 * SITE_EPSILON <= site.epsilon("resumed") <= SITE_EPSILON
+
+
+# -- refused before any step ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("request_", [
+    ["privacy.enabled=false"],
+    ["privacy.noise_multiplier=0.05"],
+    ["privacy.noise_multiplier=0.0"],
+    ["privacy.target_delta=0.05"],  # >= 1/64 rows
+    # the coordinator's view of this site can only make it stricter in a deployment
+    ["privacy.enabled=false",
+     'federation.site_privacy={"site-a"={allow_non_private=true, target_epsilon=100, lifetime_epsilon=1000}}'],
+], ids=["dp-off", "noise-0.05", "noise-0", "delta-above-1/N", "coordinator-loosens-site"])
+def test_a_hostile_run_config_is_refused_before_any_step(site, trainings, request_):
+    assert site.send("hostile", 1, 2, *request_) == "refused"
+    assert trainings == [] and site.ledger() == []
+
+
+def test_the_coordinator_cannot_move_the_sites_ledger(site, tmp_path):
+    assert site.send("moved", 1, 2, state_root=str(tmp_path / "elsewhere")) == "trained"
+    assert not (tmp_path / "elsewhere").exists()
+    assert len(site.ledger()) == 1
+
+
+def test_coordinator_site_privacy_can_make_a_site_stricter(site):
+    assert site.send("stricter", 1, 1, 'federation.site_privacy={"site-a"={target_epsilon=0.5}}') == "trained"
+    assert 0.4 <= site.epsilon("stricter") <= 0.5
+
+
+# -- stays within its budget whatever the coordinator changes -------------------------------------
+
+def _within(site, run_id):
+    eps_run = site.epsilon(run_id)
+    assert eps_run <= SITE_EPSILON * (1 + 1e-6), eps_run
+    assert site.epsilon() <= 10.0 * (1 + 1e-6)  # the default lifetime cap
+    return eps_run
+
+
+def test_rounds_that_grow_between_rounds_spend_only_what_is_left(site):
+    sent = [site.send("grow", 1, 2), site.send("grow", 2, 4)] + [site.send("grow", r, 4) for r in (3, 4)]
+    assert sent[0] == "trained"
+    _within(site, "grow")
+    # more rounds asked mid-run: the rest of the budget is spread over them, so the noise rises
+    noise = [e["noise_multiplier"] for e in site.ledger()]
+    assert len(noise) >= 2 and noise[1] > noise[0]
+
+
+def test_a_resume_with_more_rounds_spends_only_what_is_left(site):
+    assert [site.send("more", r, 3) for r in (1, 2, 3)] == ["trained"] * 3
+    spent = site.epsilon("more")
+    later = [site.send("more", r, 6) for r in (4, 5, 6)]
+    assert "refused" in later
+    assert _within(site, "more") <= max(spent, SITE_EPSILON)
+
+
+def test_a_re_sent_round_spends_only_what_is_left(site):
+    sent = [site.send("again", 1, 3), site.send("again", 2, 3), site.send("again", 2, 3), site.send("again", 3, 3)]
+    assert sent[:2] == ["trained", "trained"]
+    assert "refused" in sent  # the re-send used round 3's share: round 3 itself no longer fits
+    _within(site, "again")
+
+
+def test_a_reused_run_id_spends_only_what_is_left(site):
+    assert [site.send("same-id", r, 2) for r in (1, 2)] == ["trained"] * 2
+    again = [site.send("same-id", r, 2) for r in (1, 2)]
+    assert again == ["refused", "refused"]
+    _within(site, "same-id")
+
+
+def test_twenty_local_epochs_stay_within_the_budget(site):
+    first = site.send("epochs", 1, 3, "train.epochs=20")
+    if first == "trained":
+        assert site.ledger()[0]["steps"] == 80
+    site.send("epochs", 2, 3)  # and back to 1 epoch: recalibrated with the history
+    site.send("epochs", 3, 3, "train.epochs=20")
+    _within(site, "epochs")
+
+
+def test_the_lifetime_cap_follows_the_dataset_name_not_its_bytes(tiny_models, data_file, tmp_path, caplog):
+    grown = tmp_path / "records.csv"
+    grown.write_bytes(data_file.read_bytes())
+    site = Site(tiny_models["bert"], grown, tmp_path / "state")  # no own run budget: the run's 8
+    assert site.send("first", 1, 1) == "trained"
+    assert 0.8 * 8 <= site.epsilon("first") <= 8
+    tiny.write_csv(tiny.separable_rows(ROWS + 8, seed=5), grown)  # rows added: new bytes, same dataset
+    runtime_module._CACHE.clear()  # the next message's process reads the file again
+    with caplog.at_level(logging.WARNING):
+        assert site.send("second", 1, 1) == "trained"
+    assert "changed since its last training" in caplog.text
+    first, second = site.ledger()
+    assert second["noise_multiplier"] > first["noise_multiplier"]  # only what was left of the cap of 10
+    assert 0.8 * 10 <= site.epsilon() <= 10 * (1 + 1e-6)   # recomputed over the whole ledger
+    site.send("third", 1, 1)  # trains with more noise, or refuses: either way the cap holds
+    assert site.epsilon() <= 10 * (1 + 1e-6)
+
+
+def test_non_private_training_only_when_the_site_allows_it(tiny_models, data_file, tmp_path, trainings):
+    site = Site(tiny_models["bert"], data_file, tmp_path / "state", **{"allow-non-private": True})
+    assert site.send("audit", 1, 1, "privacy.enabled=false") == "trained"
+    assert len(trainings) == 1 and trainings[0].engine is None
+    assert site.epsilon() == float("inf")  # recorded: the ledger says this data has no guarantee left
+
+
+# -- randomness the accountant's assumptions hold for -------------------------------------------
+
+def test_poisson_sample_and_noise_come_from_independent_fresh_streams(site, monkeypatch):
+    """The sampler's and the noise's first draws over many rounds: never equal, uncorrelated, and a
+    re-sent (run, round) never draws the same again. Fails with one seed for both."""
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def capture(*args, **kwargs):
+        seen.append((kwargs["sample_seed"], kwargs["noise_seed"]))
+        raise Stop  # before any step: nothing is recorded, the next call is the same round again
+
+    monkeypatch.setattr(agent_module, "LocalTrainer", capture)
+    for i in range(100):
+        with pytest.raises(Stop):
+            site.send("stream", 1 + i % 2, 3)
+    assert site.ledger() == []
+    first = lambda seed: torch.rand(1, generator=torch.Generator().manual_seed(seed)).item()  # noqa: E731
+    sample = np.array([first(s) for s, _ in seen])
+    noise = np.array([first(n) for _, n in seen])
+    assert not np.any(sample == noise)
+    assert abs(np.corrcoef(sample, noise)[0, 1]) < 0.25
+    assert len({s for s, _ in seen}) == len(seen) and len({n for _, n in seen}) == len(seen)
+
+
+def test_train_local_never_samples_from_the_public_seed(tiny_models, separable_files, tmp_path, monkeypatch):
+    from fedtune import local
+
+    seeds = []
+    real = local.LocalTrainer
+
+    def spy(*args, **kwargs):
+        trainer = real(*args, **kwargs)
+        seeds.append((trainer._generator.initial_seed(), trainer._noise_seed))
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(local, "LocalTrainer", spy)
+    cfg = tiny_config(tiny_models["bert"], separable_files["train"], overrides=["train.seed=0"])
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="stop"):
+            local.run_train_local(cfg, tmp_path / "out")
+    (s1, n1), (s2, n2) = seeds
+    assert s1 != s2 and n1 != n2 and s1 != n1 and 0 not in (s1, s2)
+
+
+def test_one_seed_for_sampler_and_noise_is_refused(tiny_models, separable_files):
+    from fedtune.local import prepare_site
+    from fedtune.training.trainer import LocalTrainer
+
+    cfg = tiny_config(tiny_models["bert"], separable_files["train"])
+    s = prepare_site(cfg)
+    with pytest.raises(ValueError, match="independent seeds"):
+        LocalTrainer(s.model, s.data.train, s.collate, cfg.model.task, cfg.train, cfg.privacy, s.device, "fp32",
+                     noise_multiplier=1.0, sample_seed=7, noise_seed=7)
+
+
+# -- ledger integrity ------------------------------------------------------------------------------
+
+def test_two_runs_on_one_state_folder_cannot_both_pass_the_cap(tmp_path):
+    """Check and append under one lock: the second run sees the first's spend. Without the lock
+    both would pass the check on the empty ledger and together overshoot the cap."""
+    policy = SitePolicy(lifetime_epsilon=2.5, max_noise_multiplier=50)
+    terms = run_terms(policy, PrivacyConfig(target_epsilon=2.0, accountant="rdp"), 1000)
+    path = tmp_path / "privacy-ledger.jsonl"
+    start = threading.Barrier(2)
+    outcome = {}
+
+    def run(run_id):
+        budget = SiteBudget(PrivacyLedger(path), "records", "f" * 64, policy, terms, run_id)
+        start.wait()
+        try:
+            with budget.round(run_id, 1, 1, 100, 0.05) as grant:
+                time.sleep(0.5)  # training
+                grant.record(100, 0.05)
+            outcome[run_id] = "trained"
+        except BudgetRefusal:
+            outcome[run_id] = "refused"
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in ("run-1", "run-2")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    history = PrivacyLedger(path).history("records")
+    assert "trained" in outcome.values()
+    assert compute_epsilon(history, DELTA, "rdp") <= 2.5 * (1 + 1e-6)
+    assert compute_epsilon(history[:1], DELTA, "rdp") > 1.9  # the first got its whole run budget
+
+
+def test_the_dp_key_is_never_read_incomplete(tmp_path):
+    keys, errors = [], []
+
+    def read():
+        try:
+            keys.append(site_key(tmp_path / "state"))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=read) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(keys) == 16 and len(set(keys)) == 1 and len(keys[0]) == 32
+    assert not list((tmp_path / "state").glob("*.tmp"))
+    (tmp_path / "short").mkdir()
+    (tmp_path / "short" / KEY_FILE).write_bytes(b"\x01" * 5)
+    with pytest.raises(RuntimeError, match="corrupt DP noise key"):
+        site_key(tmp_path / "short")
