@@ -101,6 +101,12 @@ def round_noise(terms: RunTerms, policy: SitePolicy, *, plan: Optional[RunPlan],
     elif follows_plan and fits(plan.noise_multiplier, planned):
         sigma = plan.noise_multiplier
     else:
+        _refuse_if_spent(budget, delta, mech, run_history, site, "this run's budget")
+        _refuse_if_spent(policy.lifetime_epsilon, lifetime_delta, mech, prior + run_history, site, "the lifetime cap")
+        if not fits(policy.max_noise_multiplier, planned):
+            raise BudgetRefusal(
+                f"{site}: {remaining} more round(s) of {steps} steps do not fit what is left of the budget even with "
+                f"noise multiplier {policy.max_noise_multiplier:g}, this site's maximum")
         sigma = _calibrate(budget, delta, sample_rate, planned, mech, run_history, site, "this run's budget")
         if not fits(sigma, planned):  # the lifetime cap binds: more noise
             sigma = max(sigma, _calibrate(policy.lifetime_epsilon, lifetime_delta, sample_rate, planned, mech,
@@ -119,11 +125,15 @@ def round_noise(terms: RunTerms, policy: SitePolicy, *, plan: Optional[RunPlan],
     return sigma, budget, new_plan
 
 
-def _calibrate(epsilon: float, delta: float, q: float, steps: int, mech: str, history: History, site: str,
-               what: str) -> float:
+def _refuse_if_spent(epsilon: float, delta: float, mech: str, history: History, site: str, what: str) -> None:
     spent = compute_epsilon(history, delta, mech)
     if spent >= epsilon * (1 - 1e-6):
         raise BudgetRefusal(f"{site}: {what} is spent (epsilon {spent:.3f} of {epsilon:g})")
+
+
+def _calibrate(epsilon: float, delta: float, q: float, steps: int, mech: str, history: History, site: str,
+               what: str) -> float:
+    spent = compute_epsilon(history, delta, mech)
     try:
         return calibrate_noise_multiplier(epsilon, delta, q, steps, mech, prior_history=history or None)
     except ValueError:

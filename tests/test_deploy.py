@@ -53,7 +53,12 @@ rounds = 2
 site_test_fraction = 0.2
 secure_aggregation = true
 """)
-    return {"root": root, "certs": certs, "rogue": CertPaths(rogue).site_key("rogue"), "data": data, "config": config}
+    # The same run from a hostile coordinator: a noise multiplier of 0.05 (epsilon in the
+    # thousands). Each site must refuse it or stay within its own budget.
+    hostile = root / "hostile.toml"
+    hostile.write_text(config.read_text().replace("target_epsilon = 8.0", "target_epsilon = 8.0\nnoise_multiplier = 0.05"))
+    return {"root": root, "certs": certs, "rogue": CertPaths(rogue).site_key("rogue"), "data": data, "config": config,
+            "hostile": hostile}
 
 
 @pytest.fixture
@@ -81,18 +86,40 @@ def _wait_for(procs, proc, text, timeout):
     raise TimeoutError(f"{text!r} not seen:\n{procs.log(proc)[-3000:]}")
 
 
+def _ledger_epsilon(state: Path, delta: float = 1e-5) -> float:
+    """Recomputed from the site's own ledger file with the accountant (not what the site reported)."""
+    from fedtune.privacy.accounting import compute_epsilon
+    from fedtune.privacy.ledger import PrivacyLedger
+
+    entries = PrivacyLedger(state / "privacy-ledger.jsonl").entries()  # the chain verifies
+    return compute_epsilon([(e.noise_multiplier, e.sample_rate, e.steps) for e in entries], delta,
+                           entries[0].accountant)
+
+
+def _wait_for_file(procs, proc, path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, procs.log(proc)[-5000:]
+        time.sleep(1)
+
+
 def test_two_sites_run_a_dp_secagg_federation_over_tls(federation, procs, tmp_path):
+    """An honest 2-round run, then a hostile one (noise 0.05) on the same coordinator and sites.
+    site-a was started with --target-epsilon 2: its own budget, not the run's 8, binds."""
     fed, port = federation, free_port()
     out = tmp_path / "run"
     started = time.monotonic()
+    coordinator_state = tmp_path / "coordinator"
     server = procs.start("server", fedtune_cmd(
-        "server", "--certs", fed["certs"].root, "--port", port, "--state-dir", tmp_path / "coordinator",
-        "--config", fed["config"], "--out", out))
+        "server", "--certs", fed["certs"].root, "--port", port, "--state-dir", coordinator_state,
+        "--config", fed["config"], "--out", out, "--keep-running"))
     _wait_for(procs, server, "site site-b: registered", 60)
-    for site in ("site-a", "site-b"):
-        procs.start(site, _client(fed, site, port, free_port()))
-    assert procs.wait(server, 600) == 0, procs.log(server)[-5000:]
+    sites = {site: procs.start(site, _client(fed, site, port, free_port(),
+                                             *(["--target-epsilon", "2"] if site == "site-a" else [])))
+             for site in ("site-a", "site-b")}
+    _wait_for_file(procs, server, out / "run.json", 600)
     print(f"\ndeployment: 2 sites, 2 rounds, wall time {time.monotonic() - started:.1f} s")
+    assert "DP-SGD required; epsilon at most 2 per run; lifetime cap 10" in procs.log(sites["site-a"])
 
     assert json.loads((out / "run.json").read_text())["ended"] == "completed"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -108,6 +135,21 @@ def test_two_sites_run_a_dp_secagg_federation_over_tls(federation, procs, tmp_pa
         ledger = (fed["root"] / "state" / site / "privacy-ledger.jsonl").read_text().splitlines()
         assert [json.loads(line)["round"] for line in ledger] == [1, 2]
     assert "Secure aggregation commencing" in procs.log(server)
+    state = {site: fed["root"] / "state" / site for site in ("site-a", "site-b")}
+    assert 0.8 * 2 <= _ledger_epsilon(state["site-a"]) <= 2.0 + 1e-6  # the site's 2, not the run's 8
+    assert 0.8 * 8 <= _ledger_epsilon(state["site-b"]) <= 8.0 + 1e-6
+
+    # The hostile run: noise 0.05 fits neither site's budget; each refuses before any step.
+    hostile_out = tmp_path / "hostile"
+    submit = procs.start("submit", fedtune_cmd("submit", "--config", fed["hostile"], "--out", hostile_out,
+                                               "--state-dir", coordinator_state))
+    procs.wait(submit, 400)
+    ended = json.loads((hostile_out / "run.json").read_text())["ended"]
+    assert ended.startswith("ended early"), ended
+    assert set(json.loads((hostile_out / "privacy.json").read_text())["refused"]) == {"site-a", "site-b"}
+    assert _ledger_epsilon(state["site-a"]) <= 2.0 + 1e-6
+    for site in state.values():
+        assert len((site / "privacy-ledger.jsonl").read_text().splitlines()) == 2  # nothing trained
 
 
 @pytest.fixture(scope="module")

@@ -5,37 +5,47 @@ import json
 import pytest
 
 from fedtune import tiny
-from fedtune.config import PrivacyConfig, SitePrivacy, load_config
+from fedtune.config import PrivacyConfig, load_config
 from fedtune.privacy.accounting import compute_epsilon
 from fedtune.privacy.ledger import PrivacyLedger
 from fedtune.simulate import simulate
-from fedtune.client.budget import BudgetRefusal, check_round, choose_noise
+from fedtune.client.budget import BudgetRefusal, round_noise
+from fedtune.client.policy import SitePolicy, run_terms
+
+
+def _noise(target=8.0, lifetime=10.0, max_noise=20.0, accountant="rdp", prior=(), q=0.05, steps=300, rounds=1,
+           fixed=None):
+    policy = SitePolicy(lifetime_epsilon=lifetime, max_noise_multiplier=max_noise)
+    terms = run_terms(policy, PrivacyConfig(target_epsilon=target, accountant=accountant, noise_multiplier=fixed),
+                      10_000)
+    sigma, _, plan = round_noise(terms, policy, plan=None, run_rounds_done=0, run_history=[], prior=list(prior),
+                                 rounds=rounds, steps=steps, sample_rate=q, lifetime_delta=1e-5)
+    return sigma, plan
 
 
 def test_noise_for_a_plan_fits_the_remaining_lifetime_budget():
-    privacy = PrivacyConfig(target_epsilon=8.0, accountant="rdp")
-    own = SitePrivacy(lifetime_epsilon=6.0)
     prior = [(1.0, 0.05, 200)]
     spent_before = compute_epsilon(prior, 1e-5, "rdp")
-    sigma = choose_noise(privacy, own, 0.05, 300, prior)
+    sigma, plan = _noise(lifetime=6.0, prior=prior)
     total = compute_epsilon(prior + [(sigma, 0.05, 300)], 1e-5, "rdp")
     assert spent_before < total <= 6.0 and total > 5.9  # the lifetime cap binds, not the run's 8
+    assert plan.noise_multiplier == sigma and plan.rounds == 1 and plan.target_epsilon == 8.0
 
 
 def test_noise_for_a_plan_without_prior_meets_the_run_target():
-    privacy = PrivacyConfig(target_epsilon=3.0, accountant="prv")
-    sigma = choose_noise(privacy, SitePrivacy(), 0.1, 50, [])
+    sigma, _ = _noise(target=3.0, accountant="prv", q=0.1, steps=50)
     assert 2.9 <= compute_epsilon([(sigma, 0.1, 50)], 1e-5, "prv") <= 3.0
 
 
 def test_site_refuses_a_plan_past_its_budget():
-    privacy = PrivacyConfig(target_epsilon=8.0, accountant="rdp")
-    with pytest.raises(BudgetRefusal, match="lifetime budget spent"):
-        choose_noise(privacy, SitePrivacy(lifetime_epsilon=1.0), 0.1, 10, [(0.5, 0.1, 500)])
-    with pytest.raises(BudgetRefusal, match="above this site's maximum"):
-        choose_noise(privacy, SitePrivacy(lifetime_epsilon=0.01, max_noise_multiplier=5), 0.5, 1000, [])
-    with pytest.raises(BudgetRefusal, match="past the lifetime cap"):
-        check_round(privacy, SitePrivacy(lifetime_epsilon=1.0), [(0.6, 0.1, 100)], 0.6, 0.1, 100)
+    with pytest.raises(BudgetRefusal, match="lifetime cap is spent"):
+        _noise(lifetime=1.0, q=0.1, steps=10, prior=[(0.5, 0.1, 500)])
+    with pytest.raises(BudgetRefusal, match="even with noise multiplier 5, this site's maximum"):
+        _noise(lifetime=0.01, max_noise=5, q=0.5, steps=1000)
+    with pytest.raises(BudgetRefusal, match="fixed noise multiplier 0.6"):
+        _noise(lifetime=1.0, fixed=0.6, q=0.1, steps=100)
+    sigma, _ = _noise(fixed=3.0, q=0.1, steps=100)  # a fixed noise that fits is used as sent
+    assert sigma == 3.0
 
 
 @pytest.fixture(scope="module")
@@ -109,14 +119,15 @@ def test_a_second_run_starts_from_the_budget_already_spent(tiny_models, four_sit
     assert len({e.run_id for e in _ledger(state, "site-0").entries()}) == 2
 
 
-def test_site_noise_key_is_private_and_stable(tmp_path):
+def test_site_noise_key_is_private_and_stable_and_seeds_are_fresh(tmp_path):
     import os
     import stat
 
-    from fedtune.client.secret import round_seed, site_key
+    from fedtune.client.secret import dp_seeds, site_key
 
     key = site_key(tmp_path)
     assert stat.S_IMODE(os.stat(tmp_path / "dp-noise.key").st_mode) == 0o600
-    assert site_key(tmp_path) == key  # never overwritten: a resumed run draws the same noise
-    assert round_seed(key, "run", 1) == round_seed(key, "run", 1) != round_seed(key, "run", 2)
-    assert round_seed(site_key(tmp_path / "other"), "run", 1) != round_seed(key, "run", 1)
+    assert site_key(tmp_path) == key  # never overwritten
+    one, two = dp_seeds(key, "run", 1), dp_seeds(key, "run", 1)
+    assert one.sample != one.noise != one.other != one.sample  # domain-separated streams
+    assert set(one).isdisjoint(two)  # a re-sent (run, round) never draws the same randomness

@@ -69,6 +69,9 @@ def add_deployment_commands(sub) -> None:
         p.add_argument(f"--{flag}", dest=flag, type=kind, help=text)
     p.add_argument("--allow-plain-updates", action="store_true",
                    help="accept rounds without secure aggregation (default: refuse them)")
+    p.add_argument("--allow-non-private", action="store_true",
+                   help="accept runs without DP, with noise 0 or past the budget (tests and audits only; "
+                        "default: refuse them)")
     p.add_argument("--runtime-port", type=int, default=9094, help="the SuperNode's local port for its ClientApps")
     p.add_argument("--isolation", choices=["subprocess", "process"], default="subprocess")
     p.add_argument("--max-retries", type=int, help="give up after this many failed connection attempts")
@@ -85,11 +88,12 @@ _SITE_FLAGS = [
     ("test-fraction", float, "share of the site's rows held out for its local evaluation"),
     ("device", str, "cpu, cuda, cuda:1 or auto"),
     ("state-dir", str, "where the site keeps its privacy ledger and secrets (default: ~/.fedtune/sites/ID)"),
-    ("target-epsilon", float, "this site's epsilon per run (lower than the run's wins)"),
-    ("target-delta", float, "this site's delta"),
+    ("target-epsilon", float, "this site's epsilon per run (the smaller of this and the run's applies)"),
+    ("target-delta", float, "this site's delta (the smaller of this and the run's applies)"),
     ("max-grad-norm", float, "this site's per-sample clipping norm"),
-    ("lifetime-epsilon", float, "this site's cap over every run on the same data"),
-    ("max-noise-multiplier", float, "refuse a run that needs more noise than this"),
+    ("lifetime-epsilon", float, "this site's cap over every run on the same dataset (default: 10)"),
+    ("max-noise-multiplier", float, "refuse a run that needs more noise than this (default: 20)"),
+    ("dataset", str, "the dataset's name for the lifetime cap (default: the data file's name)"),
 ]
 
 
@@ -150,6 +154,8 @@ def _cmd_client(args) -> int:
     settings = {flag: getattr(args, flag) for flag in ["data-path", *(f for f, _, _ in _SITE_FLAGS)]}
     if args.allow_plain_updates:
         settings["require-secure-aggregation"] = False
+    if args.allow_non_private:
+        settings["allow-non-private"] = True
     return run_agent(ClientOptions(
         superlink=args.superlink, ca=args.ca, key=args.key, settings_file=args.settings, settings=settings,
         runtime_port=args.runtime_port, insecure=args.insecure, max_retries=args.max_retries,

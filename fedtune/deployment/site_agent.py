@@ -91,6 +91,12 @@ def node_config_file(settings, state_dir: Path) -> Path:
     return path
 
 
+def _policy_line(settings) -> str:
+    from fedtune.client.policy import SitePolicy
+
+    return SitePolicy(**{k: getattr(settings, k) for k in SitePolicy.model_fields}).describe()
+
+
 def run_agent(opts: ClientOptions) -> int:
     settings = site_settings(opts)
     state = Path(settings.state_dir)
@@ -104,6 +110,8 @@ def run_agent(opts: ClientOptions) -> int:
     print(f"fedtune client: site '{settings.site_id}' -> {opts.superlink} "
           f"({'INSECURE' if opts.insecure else 'TLS, authenticated'}); data {settings.data_path}; "
           f"privacy ledger in {state}", flush=True)
+    print(f"fedtune client: privacy (this site's own, whatever a run config asks): {_policy_line(settings)}; "
+          f"dataset '{settings.dataset_name}'", flush=True)
     with processes.terminate_on_signals():
         supernode = processes.start(cmd, flower_env())
         try:
