@@ -1,13 +1,16 @@
 """The site's Flower client: train the global adapter with DP-SGD, evaluate it locally.
 
 What leaves the site: the adapter arrays (masked by SecAgg+), the example count and the
-scalar metrics of ``SiteReport`` / ``SiteEvalReport``. Never text, token ids or gradients.
+scalar metrics of ``SiteReport`` / ``SiteEvalReport``. Never text, token ids or gradients. The
+un-noised train loss and SecAgg+ clipping counts only if the site opts in; evaluation only as
+often as the site allows; a failure only as a generic reason (client/replies.py).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,7 +23,11 @@ from fedtune.privacy.accounting import AccountantHistory, compute_epsilon
 from fedtune.privacy.ledger import PrivacyLedger
 from fedtune.training.trainer import LocalTrainer
 
+from fedtune.privacy.group import group_privacy
+
 from .budget import BudgetRefusal, check_round, choose_noise, site_privacy
+from .evaluation_policy import EvaluationAllowance
+from .replies import guarded, write_site_log
 from .runtime import SiteRuntime, site_runtime, state_dir
 from .secret import round_seed, site_key
 from .settings import SiteSettings
@@ -35,13 +42,21 @@ class SiteClient(NumPyClient):
     # -- helpers --------------------------------------------------------------------------
 
     def _runtime(self, instr: RoundInstructions, parameters: list[np.ndarray]) -> SiteRuntime:
-        site = site_runtime(instr.config, self.settings)
+        site = site_runtime(instr.config, self.settings, state_dir(self.settings, instr.site_state_root))
         names = list(trainable_parameters(site.model))
         if len(names) != len(parameters):
             raise ValueError(f"{self.settings.site_id}: got {len(parameters)} arrays, the adapter has {len(names)}")
         set_adapter_arrays(site.model, dict(zip(names, parameters)))
         return site
 
+    def state_folder(self, config) -> Path | None:
+        """Where this site keeps its ledger, log and counts (for the failure guard)."""
+        try:
+            return state_dir(self.settings, RoundInstructions.from_record(config).site_state_root)
+        except Exception:  # noqa: BLE001 - instructions that do not parse: the site's own setting
+            return self.settings.state_dir
+
+    @guarded("train")
     def fit(self, parameters, config):
         instr = RoundInstructions.from_record(config)
         site = self._runtime(instr, parameters)
@@ -86,14 +101,23 @@ class SiteClient(NumPyClient):
                 "sample_rate": result.sample_rate, "noise_multiplier": noise,
                 "max_grad_norm": privacy.max_grad_norm, "delta": privacy.target_delta,
                 "accountant": privacy.accountant,
+                **({"rows_per_unit": site.rows_per_unit} if site.rows_per_unit > 1 else {}),
             })
             spent_run = [*this_run, (noise, result.sample_rate, result.steps)]
             epsilon_run = compute_epsilon(spent_run, privacy.target_delta, privacy.accountant)
             epsilon_total = compute_epsilon(prior + spent_run, privacy.target_delta, privacy.accountant)
         arrays = list(get_adapter_arrays(site.model).values())
+        clipped = _clipped(arrays, site.num_train, instr)
+        if clipped:
+            log.warning("%s: %d adapter values are outside the SecAgg+ clipping range and will be clipped",
+                        self.settings.site_id, clipped)
+        unit = {}
+        if site.rows_per_unit > 1:
+            eps_k, delta_k = group_privacy(epsilon_run, privacy.target_delta, site.rows_per_unit)
+            unit = {"rows_per_unit": site.rows_per_unit, "epsilon_unit": eps_k, "delta_unit": delta_k}
         report = SiteReport(
             site=self.settings.site_id,
-            train_loss=result.train_loss,
+            train_loss=result.train_loss if self.settings.report_train_loss else None,
             epsilon=epsilon_run,
             epsilon_total=epsilon_total,
             delta=privacy.target_delta,
@@ -102,12 +126,22 @@ class SiteClient(NumPyClient):
             sample_rate=result.sample_rate,
             steps=sum(s for _, _, s in this_run) + result.steps,
             accountant=privacy.accountant if privacy.enabled else "none",
-            clipped_values=_clipped(arrays, site.num_train, instr),
+            clipped_values=clipped if self.settings.report_clipping else None,
+            **unit,
         )
         return arrays, site.num_train, report.to_record()
 
+    @guarded("evaluate")
     def evaluate(self, parameters, config):
         instr = RoundInstructions.from_record(config)
+        folder = state_dir(self.settings, instr.site_state_root)
+        decision = EvaluationAllowance(folder).take(instr.run_id, instr.rounds, self.settings.answer_evaluation,
+                                                    self.settings.max_evaluations_per_run)
+        if not decision.answer:
+            # Declined before the coordinator's adapter touches the site's test rows.
+            log.info("%s declines evaluation (round %d): %s", self.settings.site_id, instr.round, decision.reason)
+            write_site_log(folder, f"declined evaluation, run {instr.run_id} round {instr.round}: {decision.reason}")
+            return 0.0, 0, SiteEvalReport(site=self.settings.site_id, declined=True).to_record()
         site = self._runtime(instr, parameters)
         if site.data.eval is None or len(site.data.eval) == 0:
             return 0.0, 0, SiteEvalReport(site=self.settings.site_id).to_record()

@@ -30,6 +30,14 @@ class SiteSettings(BaseModel):
     max_grad_norm: Optional[float] = Field(None, alias="max-grad-norm", gt=0)
     lifetime_epsilon: Optional[float] = Field(None, alias="lifetime-epsilon", gt=0)
     max_noise_multiplier: Optional[float] = Field(None, alias="max-noise-multiplier", gt=0)
+    # What the site says back (client/replies.py, client/evaluation_policy.py).
+    answer_evaluation: bool = Field(True, alias="answer-evaluation")
+    max_evaluations_per_run: Optional[int] = Field(None, alias="max-evaluations-per-run", ge=0)  # unset: rounds
+    report_train_loss: bool = Field(False, alias="report-train-loss")  # the un-noised loss: opt-in
+    report_clipping: bool = Field(False, alias="report-clipping")      # SecAgg+ clipped values: opt-in
+    # The unit of privacy (fedtune/data/units.py): an identifier column, at most k rows per unit.
+    privacy_unit: Optional[str] = Field(None, alias="privacy-unit")
+    max_rows_per_unit: int = Field(1, alias="max-rows-per-unit", ge=1)
 
     @property
     def simulated(self) -> bool:

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -58,15 +58,18 @@ class LedgerEntry(BaseModel):
     max_grad_norm: float = Field(gt=0)
     delta: float = Field(gt=0, lt=1)
     accountant: Mechanism
+    # k when the site bounds each privacy unit to k rows (fedtune/data/units.py); absent: 1.
+    rows_per_unit: Optional[int] = Field(None, ge=1)
     time: str  # ISO-8601 UTC
     prev_hash: str  # hash of the previous entry ("" for the first)
     hash: str  # sha256 of the canonical JSON of all other fields
 
     def expected_hash(self) -> str:
-        return _sha256_json(self.model_dump(exclude={"hash"}))
+        # Optional fields left unset are not hashed, so entries written before they existed verify.
+        return _sha256_json(self.model_dump(exclude={"hash"}, exclude_none=True))
 
     def line(self) -> str:
-        return _canonical(self.model_dump())
+        return _canonical(self.model_dump(exclude_none=True))
 
 
 class PrivacyLedger:
