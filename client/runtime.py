@@ -106,7 +106,9 @@ def _site_rows(cfg: FedTuneConfig, settings: SiteSettings, config_toml: str,
     seed = unit_seed(site_key(state_folder), settings.privacy_unit)
     rows, units = bound_units(rows, settings.privacy_unit, settings.max_rows_per_unit, seed, str(path))
     log.info("%s: %s", settings.site_id, units.summary())
-    return rows.drop(columns=[settings.privacy_unit]), str(path), units
+    if settings.privacy_unit not in cols:
+        rows = rows.drop(columns=[settings.privacy_unit])
+    return rows, str(path), units
 
 
 def _report_duplicates(rows: pd.DataFrame, cols: list[str], dropped: int, site_id: str) -> None:
