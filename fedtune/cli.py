@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(pp)
     pp.add_argument("--examples", type=str, default=None, metavar="N[,N...]",
                     help="training examples per site (default: the config's simulated split)")
+    pp.add_argument("--site-settings", type=Path, default=None, metavar="FILE",
+                    help="a site's settings file (as for `fedtune client --settings`): plan under that site's own "
+                         "target-epsilon, target-delta and lifetime-epsilon (default: the config's "
+                         "federation.site_privacy per site)")
     pp.set_defaults(func=_cmd_privacy_plan)
 
     p = sub.add_parser("ledger", help="a site's privacy ledger: `ledger show` lists what it spent and what is left")
@@ -136,7 +140,8 @@ def _cmd_privacy_plan(args) -> int:
         sizes = [(f"site-{i}", int(n)) for i, n in enumerate(args.examples.split(","))]
     else:
         sizes = _site_sizes(cfg)
-    plans = [plan_site(cfg, site, n) for site, n in sizes]
+    own = _site_privacy_file(args.site_settings) if args.site_settings else None
+    plans = [plan_site(cfg, site, n, own=own) for site, n in sizes]
     print(f"{cfg.federation.rounds} rounds x {cfg.train.epochs} local epochs, target epsilon "
           f"{cfg.privacy.target_epsilon:g} at delta {cfg.privacy.target_delta:g} ({cfg.privacy.accountant})")
     print(format_plans(plans))
@@ -153,6 +158,26 @@ def _cmd_ledger_show(args) -> int:
     view = ledger_view(args.state_dir, cap, args.delta)
     print(view.model_dump_json(indent=2) if args.json else format_ledger_view(view))
     return 0 if view.verified else 1
+
+
+def _site_privacy_file(path: Path):
+    """The privacy keys of a site's settings file (kebab-case, as the site agent reads them)."""
+    import tomllib
+
+    from fedtune.config import SitePrivacy
+    from fedtune.errors import ConfigError
+
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"--site-settings {path}: {exc}") from None
+    from pydantic import ValidationError
+
+    keys = {k.replace("-", "_"): v for k, v in raw.items()}
+    try:
+        return SitePrivacy.model_validate({k: v for k, v in keys.items() if k in SitePrivacy.model_fields})
+    except ValidationError as exc:
+        raise ConfigError(f"--site-settings {path}: {exc}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
