@@ -243,3 +243,25 @@ def test_ledger_entries_written_before_rows_per_unit_still_verify(tmp_path):
     sealed = raw.pop("hash")  # the hash as the ledger computed it before the field existed
     assert hashlib.sha256(json.dumps(raw, sort_keys=True, separators=(",", ":")).encode()).hexdigest() == sealed
     assert ledger.entries() == [entry]
+
+
+def test_reply_settings_travel_from_the_client_flags_to_the_client_app(tmp_path):
+    from flwr.common.config import parse_config_args
+
+    from fedtune.cli import build_parser
+    from fedtune.client.settings import settings_from_node_config
+    from fedtune.deployment.cli import _SITE_FLAGS
+    from fedtune.deployment.site_agent import ClientOptions, node_config_file, site_settings
+
+    data = tiny.write_csv(tiny.separable_rows(10), tmp_path / "d.csv")
+    args = build_parser().parse_args([
+        "client", "--superlink", "x:1", "--insecure", "--data", str(data), "--answer-evaluation", "false",
+        "--max-evaluations-per-run", "2", "--report-train-loss", "yes", "--privacy-unit", "pid",
+        "--max-rows-per-unit", "3"])
+    flags = {f: getattr(args, f) for f in ["data-path", *(f for f, _, _ in _SITE_FLAGS)]}
+    settings = site_settings(ClientOptions(superlink="x:1", settings=flags))
+    seen = settings_from_node_config(parse_config_args([str(node_config_file(settings, tmp_path))]))
+    assert (seen.answer_evaluation, seen.max_evaluations_per_run, seen.report_train_loss, seen.report_clipping,
+            seen.privacy_unit, seen.max_rows_per_unit) == (False, 2, True, False, "pid", 3)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["client", "--superlink", "x:1", "--report-clipping", "maybe"])
