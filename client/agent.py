@@ -20,10 +20,9 @@ from fedtune.adapters import get_adapter_arrays, set_adapter_arrays, trainable_p
 from fedtune.evaluation import evaluate
 from fedtune.federation.messages import RoundInstructions, SiteEvalReport, SiteReport
 from fedtune.privacy.accounting import AccountantHistory, compute_epsilon
+from fedtune.privacy.group import group_privacy
 from fedtune.privacy.ledger import PrivacyLedger
 from fedtune.training.trainer import LocalTrainer
-
-from fedtune.privacy.group import group_privacy
 
 from .budget import BudgetRefusal, check_round, choose_noise, site_privacy
 from .evaluation_policy import EvaluationAllowance
