@@ -111,6 +111,16 @@ def _site_rows(cfg: FedTuneConfig, settings: SiteSettings, config_toml: str,
     return rows, str(path), units
 
 
+def _warn_about_delta(cfg: FedTuneConfig, settings: SiteSettings, rows: int) -> None:
+    """Loudly, before training: a delta of 1/N or more lets a "DP" mechanism leak whole rows."""
+    from fedtune.privacy.plan import delta_warning
+
+    delta = min(d for d in (cfg.privacy.target_delta, settings.target_delta) if d is not None)
+    warning = delta_warning(delta, rows) if cfg.privacy.enabled else None
+    if warning:
+        log.warning("%s: %s", settings.site_id, warning)
+
+
 def _report_duplicates(rows: pd.DataFrame, cols: list[str], dropped: int, site_id: str) -> None:
     """Before training, without an identifier column: say how many rows repeat others."""
     report = duplicate_report(rows, cols)
@@ -144,6 +154,7 @@ def _build(config_toml: str, settings: SiteSettings, state_folder: Optional[Path
         label_map=label_map,
         reports={"train": CleaningReport(rows_read=len(rows), rows_kept=len(rows))},
     )
+    _warn_about_delta(cfg, settings, len(data.train))
     id2label = dict(enumerate(label_map.labels)) if label_map is not None else None
     model = build_model(cfg.model, cfg.lora, tokenizer, id2label, device, cfg.train.seed)
     return SiteRuntime(cfg, data, model, pad_collate(tokenizer.pad_token_id), device, precision, settings, fingerprint,

@@ -102,3 +102,20 @@ def test_a_site_without_unit_column_reports_duplicates_before_training(tmp_path,
     settings = settings.model_copy(update={"privacy_unit": "label", "max_rows_per_unit": 2})
     kept, _, units = _site_rows(_site_config(toml, settings), settings, toml, tmp_path / "st")
     assert units.units == 2 and len(kept) == 4 and "label" in kept.columns  # label is both unit and column
+
+
+def test_a_delta_at_or_above_one_over_n_is_warned_about_at_the_site(caplog):
+    from fedtune.client.runtime import _warn_about_delta
+    from fedtune.client.settings import SiteSettings
+    from fedtune.config import load_config
+
+    cfg = load_config(None, ["privacy.target_delta=0.01"])
+    site = SiteSettings.model_validate({"site-id": "s", "data-path": "x.csv"})
+    with caplog.at_level("WARNING", logger="fedtune.client.site"):
+        _warn_about_delta(cfg, site, 50)  # 0.01 < 1/50
+        assert caplog.text == ""
+        _warn_about_delta(cfg, site, 100)  # 0.01 >= 1/100
+        assert "delta 0.01 is at least 1/N for N = 100" in caplog.text
+        caplog.clear()
+        _warn_about_delta(cfg, site.model_copy(update={"target_delta": 1e-6}), 100)  # the site's own is stricter
+        assert caplog.text == ""
