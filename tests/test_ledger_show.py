@@ -125,3 +125,13 @@ def test_reports_show_inf_and_no_dp_rather_than_a_blank(tmp_path):
     assert "| a | inf | inf |" in text and f"| b | {NO_DP} | {NO_DP} |" in text and "| c | 1.5 | 2.5 |" in text
     assert "| c | 2 | 3 | 5e-05 |" in text
     assert "What still travels in the clear" in text and "report-train-loss" in text
+
+
+def test_plots_skip_an_epsilon_that_is_not_a_number(tmp_path):
+    from fedtune.federation.plots import write_plots
+
+    records = [{"round": 0, "central": {"accuracy": 0.5, "loss": 0.7}, "sites": {}},
+               {"round": 1, "central": {"accuracy": 0.6, "loss": 0.6}, "target_epsilon": 2.0,
+                "sites": {"a": {"epsilon": 0.5}, "b": {"epsilon": "inf"}, "c": {"epsilon": NO_DP}}}]
+    paths = write_plots(records, tmp_path)
+    assert all(p.is_file() and p.stat().st_size > 0 for p in paths)
