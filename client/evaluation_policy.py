@@ -7,6 +7,10 @@ per round of the run). Answers are counted per run id in ``evaluations.json`` in
 state folder, under a lock, so the count survives Flower's fresh process per message. The
 run's rounds are fixed the first time the site sees the run: a coordinator that raises
 ``rounds`` mid-run does not raise the cap.
+
+Limit: the run id is the coordinator's to choose, so a coordinator that starts a new run (or
+claims one) gets a new allowance. The cap bounds evaluations per run, not in total; a site that
+wants none sets ``answer-evaluation = false``.
 """
 
 from __future__ import annotations
