@@ -1,12 +1,15 @@
 """The site's Flower client: train the global adapter with DP-SGD, evaluate it locally.
 
 What leaves the site: the adapter arrays (masked by SecAgg+), the example count and the
-scalar metrics of ``SiteReport`` / ``SiteEvalReport``. Never text, token ids or gradients.
+scalar metrics of ``SiteReport`` / ``SiteEvalReport``. Never text, token ids or gradients. The
+un-noised train loss and SecAgg+ clipping counts only if the site opts in; evaluation only as
+often as the site allows; a failure only as a generic reason (client/replies.py).
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,11 +19,14 @@ from fedtune.adapters import get_adapter_arrays, set_adapter_arrays, trainable_p
 from fedtune.evaluation import evaluate
 from fedtune.federation.messages import RoundInstructions, SiteEvalReport, SiteReport
 from fedtune.privacy.accounting import AccountantHistory
+from fedtune.privacy.group import group_privacy
 from fedtune.privacy.ledger import PrivacyLedger
 from fedtune.training.trainer import LocalTrainer
 
 from .budget import BudgetRefusal, SiteBudget
+from .evaluation_policy import EvaluationAllowance
 from .policy import run_terms, site_policy
+from .replies import guarded, write_site_log
 from .runtime import SiteRuntime, site_runtime, state_dir
 from .secret import dp_seeds, site_key
 from .settings import SiteSettings
@@ -35,13 +41,21 @@ class SiteClient(NumPyClient):
     # -- helpers --------------------------------------------------------------------------
 
     def _runtime(self, instr: RoundInstructions, parameters: list[np.ndarray]) -> SiteRuntime:
-        site = site_runtime(instr.config, self.settings)
+        site = site_runtime(instr.config, self.settings, state_dir(self.settings, instr.site_state_root))
         names = list(trainable_parameters(site.model))
         if len(names) != len(parameters):
             raise ValueError(f"{self.settings.site_id}: got {len(parameters)} arrays, the adapter has {len(names)}")
         set_adapter_arrays(site.model, dict(zip(names, parameters)))
         return site
 
+    def state_folder(self, config) -> Path | None:
+        """Where this site keeps its ledger, log and counts (for the failure guard)."""
+        try:
+            return state_dir(self.settings, RoundInstructions.from_record(config).site_state_root)
+        except Exception:  # noqa: BLE001 - instructions that do not parse: the site's own setting
+            return self.settings.state_dir
+
+    @guarded("train")
     def fit(self, parameters, config):
         instr = RoundInstructions.from_record(config)
         site = self._runtime(instr, parameters)
@@ -61,9 +75,17 @@ class SiteClient(NumPyClient):
         epsilon_run, epsilon_total = grant.epsilon_run, grant.epsilon_total
         this_run = grant.run_history
         arrays = list(get_adapter_arrays(site.model).values())
+        clipped = _clipped(arrays, site.num_train, instr)
+        if clipped:
+            log.warning("%s: %d adapter values are outside the SecAgg+ clipping range and will be clipped",
+                        self.settings.site_id, clipped)
+        unit = {}
+        if site.rows_per_unit > 1:
+            eps_k, delta_k = group_privacy(epsilon_run, privacy.target_delta, site.rows_per_unit)
+            unit = {"rows_per_unit": site.rows_per_unit, "epsilon_unit": eps_k, "delta_unit": delta_k}
         report = SiteReport(
             site=self.settings.site_id,
-            train_loss=result.train_loss,
+            train_loss=result.train_loss if self.settings.report_train_loss else None,
             epsilon=epsilon_run,
             epsilon_total=epsilon_total,
             delta=grant.delta,
@@ -72,7 +94,8 @@ class SiteClient(NumPyClient):
             sample_rate=result.sample_rate,
             steps=sum(s for _, _, s in this_run) + result.steps,
             accountant=privacy.accountant if privacy.enabled else "none",
-            clipped_values=_clipped(arrays, site.num_train, instr),
+            clipped_values=clipped if self.settings.report_clipping else None,
+            **unit,
         )
         return arrays, site.num_train, report.to_record()
 
@@ -94,7 +117,8 @@ class SiteClient(NumPyClient):
                                    lr_total_steps=instr.rounds * steps, desc=self.settings.site_id)
             site.model = trainer.close()
             # Recorded before the update is released: what leaves the site is always in the ledger.
-            grant.record(result.steps, result.sample_rate)
+            grant.record(result.steps, result.sample_rate,
+                         {"rows_per_unit": site.rows_per_unit} if site.rows_per_unit > 1 else None)
         return grant, result, privacy
 
     def _budget(self, site: SiteRuntime, folder) -> SiteBudget:
@@ -107,8 +131,17 @@ class SiteClient(NumPyClient):
         return SiteBudget(PrivacyLedger(folder / "privacy-ledger.jsonl"), self.settings.dataset_name,
                           site.fingerprint, policy, terms, self.settings.site_id)
 
+    @guarded("evaluate")
     def evaluate(self, parameters, config):
         instr = RoundInstructions.from_record(config)
+        folder = state_dir(self.settings, instr.site_state_root)
+        decision = EvaluationAllowance(folder).take(instr.run_id, instr.rounds, self.settings.answer_evaluation,
+                                                    self.settings.max_evaluations_per_run)
+        if not decision.answer:
+            # Declined before the coordinator's adapter touches the site's test rows.
+            log.info("%s declines evaluation (round %d): %s", self.settings.site_id, instr.round, decision.reason)
+            write_site_log(folder, f"declined evaluation, run {instr.run_id} round {instr.round}: {decision.reason}")
+            return 0.0, 0, SiteEvalReport(site=self.settings.site_id, declined=True).to_record()
         site = self._runtime(instr, parameters)
         if site.data.eval is None or len(site.data.eval) == 0:
             return 0.0, 0, SiteEvalReport(site=self.settings.site_id).to_record()

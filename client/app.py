@@ -11,7 +11,7 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.client import ClientApp
 
-from .mods import secure_aggregation_mod
+from .mods import private_errors_mod, secure_aggregation_mod
 from .settings import settings_from_node_config
 
 
@@ -22,8 +22,9 @@ def client_fn(context: Context):
 
 
 def make_client_app(extra_mods: list | None = None) -> ClientApp:
-    """``extra_mods`` run outside secure aggregation, so they see exactly what leaves the site."""
-    return ClientApp(client_fn=client_fn, mods=[*(extra_mods or []), secure_aggregation_mod])
+    """``extra_mods`` run outside secure aggregation and outside ``private_errors_mod`` (which
+    turns every failure into a generic reply), so they see exactly what leaves the site."""
+    return ClientApp(client_fn=client_fn, mods=[*(extra_mods or []), private_errors_mod, secure_aggregation_mod])
 
 
 app = make_client_app()

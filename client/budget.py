@@ -53,13 +53,14 @@ class RoundGrant:
     plan: Optional[RunPlan]         # set on a run's first round: recorded with it
     epsilon_run: float = math.nan   # after record()
     epsilon_total: float = math.nan
-    _record: Optional[Callable[[int, float], LedgerEntry]] = field(default=None, repr=False)
+    _record: Optional[Callable[[int, float, Optional[dict]], LedgerEntry]] = field(default=None, repr=False)
 
-    def record(self, steps: int, sample_rate: float) -> LedgerEntry:
-        """Append what was trained to the ledger (before the update leaves the site)."""
+    def record(self, steps: int, sample_rate: float, extra: Optional[dict] = None) -> LedgerEntry:
+        """Append what was trained to the ledger (before the update leaves the site); ``extra``:
+        further ledger fields (e.g. rows_per_unit)."""
         if self._record is None:
             raise RuntimeError("this grant was already recorded")
-        entry, self._record = self._record(steps, sample_rate), None
+        entry, self._record = self._record(steps, sample_rate, extra), None
         spent = [*self.run_history, (self.noise, sample_rate, steps)]
         self.epsilon_run = compute_epsilon(spent, self.delta, self.accountant)
         self.epsilon_total = compute_epsilon(self.prior + spent, self.lifetime_delta, self.accountant)
@@ -175,8 +176,8 @@ class SiteBudget:
                                lifetime_delta=lifetime_delta, accountant=self.terms.accountant,
                                run_history=run_history, prior=prior, plan=new_plan)
 
-            def record(done: int, q: float) -> LedgerEntry:
-                fields = {"dataset": self.dataset, "run_id": run_id, "round": rnd, "steps": done, "sample_rate": q,
+            def record(done: int, q: float, extra: Optional[dict] = None) -> LedgerEntry:
+                fields = {**(extra or {}), "dataset": self.dataset, "run_id": run_id, "round": rnd, "steps": done, "sample_rate": q,
                           "noise_multiplier": noise, "max_grad_norm": self.terms.max_grad_norm, "delta": delta,
                           "accountant": self.terms.accountant, "fingerprint": self.fingerprint,
                           "plan": new_plan.model_dump() if new_plan is not None else None}

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from flwr.app import Context, Message
+from flwr.app import Context, Error, Message
 from flwr.client.mod import secaggplus_mod
 from flwr.app.message_type import MessageType
+from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from .settings import settings_from_node_config
@@ -21,3 +22,24 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next) -> Message
     ).require_secure_aggregation:
         raise PermissionError("this site requires secure aggregation (SecAgg+); the train message had none")
     return call_next(msg, context)
+
+
+def private_errors_mod(msg: Message, context: Context, call_next) -> Message:
+    """The outermost mod: whatever fails at the site, the coordinator gets only a generic reason
+    ("site-2: data error"); the full message stays in the site's log (client/replies.py).
+    Flower would otherwise forward the exception's text, with the site's paths and values."""
+    from .replies import SiteReplyError, log_failure
+
+    try:
+        return call_next(msg, context)
+    except SiteReplyError as exc:  # the client already logged it in full
+        reason = str(exc)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a generic reply
+        site_id, folder = None, None
+        try:
+            settings = settings_from_node_config(context.node_config)
+            site_id, folder = settings.site_id, settings.state_dir
+        except Exception:  # noqa: BLE001 - a bad node config is itself only logged here
+            pass
+        reason = log_failure(site_id, exc, folder, what=str(msg.metadata.message_type))
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)

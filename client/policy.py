@@ -26,6 +26,13 @@ class BudgetRefusal(RuntimeError):
     """The site will not train: the request breaks its privacy policy or budget."""
 
 
+class PolicyRefusal(BudgetRefusal):
+    """The site will not train: the run asks for what its policy forbids (no DP, noise 0, a delta
+    at or above 1/N). Reported to the coordinator as "refused (site policy)"."""
+
+    public_kind = "refused (site policy)"
+
+
 class SitePolicy(BaseModel):
     """What one site accepts, whatever a run asks."""
 
@@ -81,16 +88,16 @@ def run_terms(policy: SitePolicy, privacy: PrivacyConfig, num_examples: int, sit
     """The terms for this run, or a refusal before any step: DP off or noise 0 unless the site
     allows it, and a delta at or above 1/N for the site's N rows."""
     if not privacy.enabled and not policy.allow_non_private:
-        raise BudgetRefusal(f"{site}: the run asks to train without differential privacy; this site requires "
+        raise PolicyRefusal(f"{site}: the run asks to train without differential privacy; this site requires "
                             "DP-SGD (a site admin can allow non-private training with allow-non-private)")
     if privacy.noise_multiplier is not None and privacy.noise_multiplier <= 0 and not policy.allow_non_private:
-        raise BudgetRefusal(f"{site}: the run asks for noise multiplier {privacy.noise_multiplier:g} (no privacy); "
+        raise PolicyRefusal(f"{site}: the run asks for noise multiplier {privacy.noise_multiplier:g} (no privacy); "
                             "this site requires DP noise")
     epsilon = privacy.target_epsilon if policy.target_epsilon is None else min(policy.target_epsilon,
                                                                                 privacy.target_epsilon)
     delta = privacy.target_delta if policy.target_delta is None else min(policy.target_delta, privacy.target_delta)
     if privacy.enabled and num_examples > 0 and delta >= 1.0 / num_examples:
-        raise BudgetRefusal(f"{site}: delta {delta:g} is at or above 1/N for this site's {num_examples} rows "
+        raise PolicyRefusal(f"{site}: delta {delta:g} is at or above 1/N for this site's {num_examples} rows "
                             "(a delta that large allows releasing a row outright); use a smaller target_delta")
     return RunTerms(
         private=privacy.enabled, target_epsilon=epsilon, delta=delta,

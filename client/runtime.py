@@ -6,6 +6,7 @@ global adapter arrays into it.
 
 from __future__ import annotations
 
+import logging
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from fedtune.data import LabelMap, SiteData, pad_collate
 from fedtune.data.cleaning import CleaningReport, clean_rows
 from fedtune.data.readers import read_table
 from fedtune.data.site import data_columns, encode_rows, hold_out
+from fedtune.data.units import UnitReport, bound_units, duplicate_report, unit_seed
 from fedtune.local import Site, seed_everything
 from fedtune.model import build_model, load_tokenizer, resolve_device
 from fedtune.privacy.ledger import dataset_fingerprint
@@ -27,6 +29,8 @@ from fedtune.training.trainer import dp_sample_rate, steps_per_epoch
 
 from .settings import SiteSettings
 
+log = logging.getLogger("fedtune.client.site")
+
 
 @dataclass
 class SiteRuntime(Site):
@@ -34,6 +38,12 @@ class SiteRuntime(Site):
 
     settings: Optional[SiteSettings] = None
     fingerprint: str = ""   # content hash of the site's data: the privacy ledger's key
+    units: Optional[UnitReport] = None  # rows bounded per privacy unit (privacy-unit setting)
+
+    @property
+    def rows_per_unit(self) -> int:
+        """k: the most rows one unit contributes (1: every row is its own unit)."""
+        return self.units.max_rows_per_unit if self.units is not None else 1
 
     @property
     def num_train(self) -> int:
@@ -49,11 +59,11 @@ class SiteRuntime(Site):
 _CACHE: dict[tuple, SiteRuntime] = {}
 
 
-def site_runtime(config_toml: str, settings: SiteSettings) -> SiteRuntime:
-    key = (config_toml, settings.model_dump_json())
+def site_runtime(config_toml: str, settings: SiteSettings, state_folder: Optional[Path] = None) -> SiteRuntime:
+    key = (config_toml, settings.model_dump_json(), str(state_folder))
     if key not in _CACHE:
         _CACHE.clear()  # one run at a time per process: drop the previous run's model
-        _CACHE[key] = _build(config_toml, settings)
+        _CACHE[key] = _build(config_toml, settings, state_folder)
     return _CACHE[key]
 
 
@@ -61,6 +71,11 @@ def _site_config(config_toml: str, settings: SiteSettings) -> FedTuneConfig:
     raw = tomllib.loads(config_toml)
     # The site's own settings win over what the coordinator sent.
     data = raw.setdefault("data", {})
+    if not settings.simulated:
+        # The site's own file, not the built-in demo rows: otherwise data_columns() ignores the
+        # text/label columns and the site would always read "text" and "label".
+        data.pop("builtin", None)
+        data["train"] = str(settings.data_path)
     for key, value in (("text_column", settings.text_column), ("label_column", settings.label_column)):
         if value is not None:
             data[key] = value
@@ -70,19 +85,51 @@ def _site_config(config_toml: str, settings: SiteSettings) -> FedTuneConfig:
     return FedTuneConfig.model_validate(raw)
 
 
-def _site_rows(cfg: FedTuneConfig, settings: SiteSettings, config_toml: str) -> tuple[pd.DataFrame, str]:
+def _site_rows(cfg: FedTuneConfig, settings: SiteSettings, config_toml: str,
+               state_folder: Optional[Path] = None) -> tuple[pd.DataFrame, str, Optional[UnitReport]]:
+    cols = data_columns(cfg.data, cfg.model.task)
     if settings.simulated:
         from fedtune.federation.dataset import federated_rows_from_toml
 
         rows = federated_rows_from_toml(config_toml)
-        return rows.sites[settings.partition_id], f"partition {settings.partition_id}"
+        return rows.sites[settings.partition_id], f"partition {settings.partition_id}", None
     path = settings.data_path
-    cols = data_columns(cfg.data, cfg.model.task)
-    rows, _ = clean_rows(read_table(path, settings.data_format), cols, str(path))
-    return rows, str(path)
+    unit = [settings.privacy_unit] if settings.privacy_unit else []
+    rows, cleaning = clean_rows(read_table(path, settings.data_format), cols + unit, str(path))
+    if not settings.privacy_unit:
+        _report_duplicates(rows, cols, cleaning.duplicates_dropped, settings.site_id)
+        return rows, str(path), None
+    from .secret import site_key
+
+    if state_folder is None:
+        raise RuntimeError("bounding rows per privacy unit needs the site's state folder (its secret key)")
+    seed = unit_seed(site_key(state_folder), settings.privacy_unit)
+    rows, units = bound_units(rows, settings.privacy_unit, settings.max_rows_per_unit, seed, str(path))
+    log.info("%s: %s", settings.site_id, units.summary())
+    if settings.privacy_unit not in cols:
+        rows = rows.drop(columns=[settings.privacy_unit])
+    return rows, str(path), units
 
 
-def _build(config_toml: str, settings: SiteSettings) -> SiteRuntime:
+def _warn_about_delta(cfg: FedTuneConfig, settings: SiteSettings, rows: int) -> None:
+    """Loudly, before training: a delta of 1/N or more lets a "DP" mechanism leak whole rows."""
+    from fedtune.privacy.plan import delta_warning
+
+    delta = min(d for d in (cfg.privacy.target_delta, settings.target_delta) if d is not None)
+    warning = delta_warning(delta, rows) if cfg.privacy.enabled else None
+    if warning:
+        log.warning("%s: %s", settings.site_id, warning)
+
+
+def _report_duplicates(rows: pd.DataFrame, cols: list[str], dropped: int, site_id: str) -> None:
+    """Before training, without an identifier column: say how many rows repeat others."""
+    report = duplicate_report(rows, cols)
+    report = report.model_copy(update={"exact": report.exact + dropped, "rows": report.rows + dropped})
+    if report.any:
+        log.warning("%s: %s (exact duplicates are dropped before training)", site_id, report.summary())
+
+
+def _build(config_toml: str, settings: SiteSettings, state_folder: Optional[Path] = None) -> SiteRuntime:
     cfg = _site_config(config_toml, settings)
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
@@ -90,7 +137,7 @@ def _build(config_toml: str, settings: SiteSettings) -> SiteRuntime:
     if device.type == "cpu":
         torch.set_num_threads(1)  # one simulated site per core: avoid oversubscription
     tokenizer = load_tokenizer(cfg.model)
-    rows, source = _site_rows(cfg, settings, config_toml)
+    rows, source, units = _site_rows(cfg, settings, config_toml, state_folder)
     cols = data_columns(cfg.data, cfg.model.task)
     fingerprint = dataset_fingerprint(
         settings.data_path if not settings.simulated else ["\t".join(r) for r in rows[cols].itertuples(index=False)]
@@ -107,9 +154,11 @@ def _build(config_toml: str, settings: SiteSettings) -> SiteRuntime:
         label_map=label_map,
         reports={"train": CleaningReport(rows_read=len(rows), rows_kept=len(rows))},
     )
+    _warn_about_delta(cfg, settings, len(data.train))
     id2label = dict(enumerate(label_map.labels)) if label_map is not None else None
     model = build_model(cfg.model, cfg.lora, tokenizer, id2label, device, cfg.train.seed)
-    return SiteRuntime(cfg, data, model, pad_collate(tokenizer.pad_token_id), device, precision, settings, fingerprint)
+    return SiteRuntime(cfg, data, model, pad_collate(tokenizer.pad_token_id), device, precision, settings, fingerprint,
+                       units)
 
 
 def state_dir(settings: SiteSettings, site_state_root: str) -> Path:

@@ -43,6 +43,14 @@ class SiteSettings(BaseModel):
     # The name the lifetime cap follows (default: the data file's name, or the simulated site's id):
     # adding rows to the file does not reset it.
     dataset: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9._-]{1,128}$")
+    # What the site says back (client/replies.py, client/evaluation_policy.py).
+    answer_evaluation: bool = Field(True, alias="answer-evaluation")
+    max_evaluations_per_run: Optional[int] = Field(None, alias="max-evaluations-per-run", ge=0)  # unset: rounds
+    report_train_loss: bool = Field(False, alias="report-train-loss")  # the un-noised loss: opt-in
+    report_clipping: bool = Field(False, alias="report-clipping")      # SecAgg+ clipped values: opt-in
+    # The unit of privacy (fedtune/data/units.py): an identifier column, at most k rows per unit.
+    privacy_unit: Optional[str] = Field(None, alias="privacy-unit")
+    max_rows_per_unit: int = Field(1, alias="max-rows-per-unit", ge=1)
 
     @property
     def simulated(self) -> bool:

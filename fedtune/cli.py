@@ -44,7 +44,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(pp)
     pp.add_argument("--examples", type=str, default=None, metavar="N[,N...]",
                     help="training examples per site (default: the config's simulated split)")
+    pp.add_argument("--site-settings", type=Path, default=None, metavar="FILE",
+                    help="a site's settings file (as for `fedtune client --settings`): plan under that site's own "
+                         "target-epsilon, target-delta and lifetime-epsilon (default: the config's "
+                         "federation.site_privacy per site)")
     pp.set_defaults(func=_cmd_privacy_plan)
+
+    p = sub.add_parser("ledger", help="a site's privacy ledger: `ledger show` lists what it spent and what is left")
+    ledger_sub = p.add_subparsers(dest="ledger_command", metavar="LEDGER_COMMAND", required=True)
+    pl = ledger_sub.add_parser("show", help="epsilon spent per dataset (recomputed from the ledger), the lifetime "
+                               "cap and what is left, every run, and whether the hash chain verifies")
+    pl.add_argument("--state-dir", type=Path, required=True, help="the site's state folder (holds its ledger)")
+    pl.add_argument("--settings", type=Path, default=None, help="the site's settings file (for lifetime-epsilon)")
+    pl.add_argument("--lifetime-epsilon", type=float, default=None, help="the lifetime cap (overrides --settings)")
+    pl.add_argument("--delta", type=float, default=None, help="delta for epsilon (default: the entries' smallest)")
+    pl.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    pl.set_defaults(func=_cmd_ledger_show)
 
     p = sub.add_parser("show-config", help="print the resolved config (defaults + file + overrides)")
     _add_config_args(p)
@@ -125,11 +140,44 @@ def _cmd_privacy_plan(args) -> int:
         sizes = [(f"site-{i}", int(n)) for i, n in enumerate(args.examples.split(","))]
     else:
         sizes = _site_sizes(cfg)
-    plans = [plan_site(cfg, site, n) for site, n in sizes]
+    own = _site_privacy_file(args.site_settings) if args.site_settings else None
+    plans = [plan_site(cfg, site, n, own=own) for site, n in sizes]
     print(f"{cfg.federation.rounds} rounds x {cfg.train.epochs} local epochs, target epsilon "
           f"{cfg.privacy.target_epsilon:g} at delta {cfg.privacy.target_delta:g} ({cfg.privacy.accountant})")
     print(format_plans(plans))
     return 0
+
+
+def _cmd_ledger_show(args) -> int:
+    from fedtune.client.ledger_view import format_ledger_view, ledger_view, lifetime_cap_from_settings
+
+    if not args.state_dir.is_dir():
+        print(f"fedtune: error: --state-dir {args.state_dir}: no such folder", file=sys.stderr)
+        return 2
+    cap = args.lifetime_epsilon if args.lifetime_epsilon is not None else lifetime_cap_from_settings(args.settings)
+    view = ledger_view(args.state_dir, cap, args.delta)
+    print(view.model_dump_json(indent=2) if args.json else format_ledger_view(view))
+    return 0 if view.verified else 1
+
+
+def _site_privacy_file(path: Path):
+    """The privacy keys of a site's settings file (kebab-case, as the site agent reads them)."""
+    import tomllib
+
+    from fedtune.config import SitePrivacy
+    from fedtune.errors import ConfigError
+
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"--site-settings {path}: {exc}") from None
+    from pydantic import ValidationError
+
+    keys = {k.replace("-", "_"): v for k, v in raw.items()}
+    try:
+        return SitePrivacy.model_validate({k: v for k, v in keys.items() if k in SitePrivacy.model_fields})
+    except ValidationError as exc:
+        raise ConfigError(f"--site-settings {path}: {exc}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

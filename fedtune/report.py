@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fedtune.privacy.display import format_epsilon
+
 
 def _fmt(value) -> str:
     if isinstance(value, float):
@@ -18,7 +20,7 @@ def print_local_summary(metrics: dict, out_dir: Path) -> None:
     privacy = metrics.get("privacy")
     if privacy:
         rows += [
-            ("epsilon", privacy["epsilon"]),
+            ("epsilon", format_epsilon(privacy["epsilon"])),  # noise 0: "inf", never a blank
             ("delta", privacy["delta"]),
             ("noise multiplier", privacy["noise_multiplier"]),
             ("accountant", privacy["accountant"]),

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from fedtune.data.site import data_columns
 from fedtune.federation.dataset import FederatedRows, federated_rows
 from fedtune.federation.messages import RoundInstructions, SiteReport
 from fedtune.io_utils import atomic_write_json
+from fedtune.privacy.display import epsilon_record, format_epsilon, worst_epsilon
 
 from .central_eval import CentralEvaluator
 from .checkpoints import load_latest, save_checkpoint
@@ -203,23 +203,42 @@ class RunRecorder:
 
     def on_fit(self, server_round: int, results, failures) -> None:
         self.current["failures"] = len(failures)
+        reasons = _failure_reasons(failures)
+        if reasons:
+            # Sites send only a generic reason ("site-2: data error"); the details stay at the site.
+            self.current["failure_reasons"] = reasons
+            log.warning("round %d: %s", self.absolute(server_round), "; ".join(reasons))
         self._exclude_missing(server_round, results)
         for proxy, res in results:
             report = SiteReport.from_record(res.metrics)
             self.node_site[proxy.node_id] = report.site
-            self.current["sites"][report.site] = {
-                "examples": res.num_examples, "train_loss": report.train_loss, "epsilon": _finite(report.epsilon),
-            }
+            epsilon = epsilon_record(report.epsilon, report.accountant)
+            site_record = {"examples": res.num_examples, "epsilon": epsilon}
+            if report.train_loss is not None:  # only sites that opt in send their un-noised loss
+                site_record["train_loss"] = report.train_loss
+            self.current["sites"][report.site] = site_record
             self.privacy[report.site] = {
-                "epsilon": _finite(report.epsilon), "epsilon_total": _finite(report.epsilon_total), "delta": report.delta, "noise_multiplier": report.noise_multiplier,
+                "epsilon": epsilon, "epsilon_total": epsilon_record(report.epsilon_total, report.accountant),
+                "delta": report.delta, "noise_multiplier": report.noise_multiplier,
                 "max_grad_norm": report.max_grad_norm, "steps": report.steps, "sample_rate": report.sample_rate,
                 "accountant": report.accountant, "target_epsilon": self.cfg.privacy.target_epsilon,
             }
+            if report.rows_per_unit:
+                self.privacy[report.site].update({
+                    "rows_per_unit": report.rows_per_unit,
+                    "epsilon_unit": epsilon_record(report.epsilon_unit, report.accountant),
+                    "delta_unit": epsilon_record(report.delta_unit),
+                })
             if report.clipped_values:
                 log.warning("%s: %d adapter values outside the SecAgg+ clipping range were clipped; raise "
                             "federation.secagg_clipping_range", report.site, report.clipped_values)
 
     def on_federated(self, server_round: int, results) -> None:
+        declined = sorted(str(res.metrics.get("fedtune.site", "?")) for _, res in results
+                          if res.metrics.get("fedtune.declined"))
+        if declined:  # the sites' own settings (answer-evaluation, max-evaluations-per-run)
+            self.current["evaluation_declined"] = declined
+        results = [(proxy, res) for proxy, res in results if res.num_examples > 0]
         total = sum(res.num_examples for _, res in results)
         if not total:
             self.current["federated"] = None
@@ -243,6 +262,7 @@ class RunRecorder:
             "central": self.current.get("central"),
             "federated": self.current.get("federated"),
             "sites": self.current.get("sites", {}),
+            **{k: self.current[k] for k in ("failure_reasons", "evaluation_declined") if k in self.current},
             "bytes_up": {self.node_site.get(n, str(n)): b for n, b in sorted(up.items())},
             "bytes_down": {self.node_site.get(n, str(n)): b for n, b in sorted(down.items())},
             "seconds": round(time.perf_counter() - self.round_started, 3),
@@ -294,9 +314,9 @@ class RunRecorder:
     def _log_round(self, rnd: int, central: Optional[dict], sites: Optional[dict] = None) -> None:
         central = central or {}
         parts = [f"{k} {v:.4f}" for k, v in central.items() if isinstance(v, float)]
-        eps = [s["epsilon"] for s in (sites or {}).values() if s.get("epsilon") is not None]
-        if eps:
-            parts.append(f"max site epsilon {max(eps):.3f}")
+        eps = worst_epsilon([s.get("epsilon") for s in (sites or {}).values()])
+        if eps is not None:
+            parts.append(f"max site epsilon {format_epsilon(eps)}")
         log.info("round %d/%d: central %s", rnd, self.cfg.federation.rounds, ", ".join(parts))
 
     def privacy_json(self) -> dict:
@@ -305,8 +325,15 @@ class RunRecorder:
                 "secure_aggregation": self.run.secagg is not None, "refused": {self.node_site.get(n, f"node {n}"): r for n, r in self.refused.items()}}
 
 
-def _finite(value: float) -> Optional[float]:
-    return value if math.isfinite(value) else None
+def _failure_reasons(failures) -> list[str]:
+    """The generic reasons sites gave (Flower wraps each failed reply's Error in an Exception)."""
+    out = []
+    for failure in failures:
+        error = failure.args[0] if isinstance(failure, BaseException) and failure.args else None
+        reason = getattr(error, "reason", None)
+        if isinstance(reason, str) and reason:
+            out.append(reason[:200])
+    return out
 
 
 def _truncate_metrics(path: Path, last_round: int) -> None:

@@ -134,6 +134,10 @@ def test_two_sites_run_a_dp_secagg_federation_over_tls(federation, procs, tmp_pa
     for site in ("site-a", "site-b"):  # each site's own ledger holds both rounds
         ledger = (fed["root"] / "state" / site / "privacy-ledger.jsonl").read_text().splitlines()
         assert [json.loads(line)["round"] for line in ledger] == [1, 2]
+        # Default site settings: the un-noised loss stays at the site; one evaluation per round.
+        assert all("train_loss" not in r["sites"][site] for r in records[1:])
+        counts = json.loads((fed["root"] / "state" / site / "evaluations.json").read_text())
+        assert [c["count"] for c in counts.values()] == [2]
     assert "Secure aggregation commencing" in procs.log(server)
     state = {site: fed["root"] / "state" / site for site in ("site-a", "site-b")}
     assert 0.8 * 2 <= _ledger_epsilon(state["site-a"]) <= 2.0 + 1e-6  # the site's 2, not the run's 8

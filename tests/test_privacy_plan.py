@@ -18,3 +18,35 @@ def test_privacy_plan_command_prints_each_site(capsys):
                  "--set", "train.batch_size=16", "--set", "train.epochs=1", "--set", "privacy.accountant=rdp"]) == 0
     out = capsys.readouterr().out
     assert "site-0" in out and "site-1" in out and "0.5567" in out
+
+
+def test_plan_applies_each_sites_own_budget():
+    cfg = load_config(None, ["federation.rounds=2", "train.batch_size=16", "train.epochs=1", "privacy.accountant=rdp",
+                             "privacy.target_epsilon=8.0",
+                             'federation.site_privacy={"site-1"={target_epsilon=2.0, target_delta=1e-6}, '
+                             '"site-2"={target_epsilon=50.0}}'])
+    plans = {s: plan_site(cfg, s, 800) for s in ("site-0", "site-1", "site-2")}
+    assert plans["site-0"].target_epsilon == 8.0 and plans["site-2"].target_epsilon == 8.0  # the stricter wins
+    assert plans["site-1"].target_epsilon == 2.0 and plans["site-1"].delta == 1e-6
+    assert plans["site-1"].noise_multiplier > plans["site-0"].noise_multiplier
+    eps = compute_epsilon([(plans["site-1"].noise_multiplier, plans["site-1"].sample_rate,
+                            plans["site-1"].total_steps)], 1e-6, "rdp")
+    assert eps == plans["site-1"].epsilon and 1.9 < eps <= 2.0 and all(p.fits for p in plans.values())
+
+
+def test_plan_with_a_fixed_noise_shows_what_it_costs_and_that_it_does_not_fit(tmp_path, capsys):
+    settings = tmp_path / "site.toml"
+    settings.write_text('data-path = "x.csv"\ntarget-epsilon = 2.0\nlifetime-epsilon = 10.0\n')
+    assert main(["privacy", "plan", "--examples", "500", "--site-settings", str(settings),
+                 "--set", "privacy.noise_multiplier=0.05", "--set", "privacy.accountant=rdp"]) == 0
+    out = capsys.readouterr().out
+    assert "NO: refused" in out
+    plan = plan_site(load_config(None, ["privacy.noise_multiplier=0.0", "privacy.accountant=rdp"]), "s", 500)
+    assert plan.epsilon == float("inf") and not plan.fits
+
+
+def test_plan_warns_about_a_delta_at_or_above_one_over_n(capsys):
+    assert main(["privacy", "plan", "--examples", "50,5000", "--set", "privacy.target_delta=0.05",
+                 "--set", "privacy.accountant=rdp"]) == 0
+    out = capsys.readouterr().out
+    assert "WARNING site-0: delta 0.05 is at least 1/N for N = 50" in out and "WARNING site-1" in out

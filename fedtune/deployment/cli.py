@@ -94,7 +94,24 @@ _SITE_FLAGS = [
     ("lifetime-epsilon", float, "this site's cap over every run on the same dataset (default: 10)"),
     ("max-noise-multiplier", float, "refuse a run that needs more noise than this (default: 20)"),
     ("dataset", str, "the dataset's name for the lifetime cap (default: the data file's name)"),
+    ("answer-evaluation", lambda v: _flag_bool(v), "true/false: answer federated-evaluation requests (default true)"),
+    ("max-evaluations-per-run", int, "evaluations answered per run (default: one per round of the run)"),
+    ("report-train-loss", lambda v: _flag_bool(v), "true/false: send the un-noised train loss (default false)"),
+    ("report-clipping", lambda v: _flag_bool(v), "true/false: send how many values SecAgg+ clipped (default false)"),
+    ("privacy-unit", str, "identifier column (e.g. patient id): bound each unit's rows, report its epsilon"),
+    ("max-rows-per-unit", int, "with --privacy-unit: the most rows one unit contributes (default 1)"),
 ]
+
+
+def _flag_bool(value: str) -> bool:
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "1", "on"):
+        return True
+    if text in ("false", "no", "0", "off"):
+        return False
+    import argparse
+
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
 def _cmd_certs_init(args) -> int:

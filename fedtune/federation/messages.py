@@ -42,7 +42,7 @@ class SiteReport(_Flat):
     """Site -> coordinator, with every train reply."""
 
     site: str
-    train_loss: float
+    train_loss: Optional[float] = None  # un-noised: sent only if the site opts in (report-train-loss)
     epsilon: float                    # this run so far, from the site's accountant
     epsilon_total: float = 0.0        # every run on this data (the site's ledger), composed
     delta: float
@@ -51,11 +51,17 @@ class SiteReport(_Flat):
     sample_rate: float
     steps: int                        # cumulative DP steps
     accountant: Literal["prv", "rdp", "none"]
-    clipped_values: int = 0           # adapter values outside the SecAgg+ clipping range
+    clipped_values: Optional[int] = None  # values SecAgg+ clipped: only if the site opts in (report-clipping)
+    # The unit of privacy (fedtune/data/units.py): with at most k rows per unit, the group-privacy
+    # epsilon/delta of this run for one unit (one patient, say) rather than one row.
+    rows_per_unit: Optional[int] = None
+    epsilon_unit: Optional[float] = None
+    delta_unit: Optional[float] = None
 
 
 class SiteEvalReport(_Flat):
     site: str
+    declined: Optional[bool] = None   # the site's settings (or its per-run cap) say no: 0 examples
     accuracy: Optional[float] = None
     f1: Optional[float] = None
     perplexity: Optional[float] = None

@@ -79,7 +79,8 @@ def write_plots(records: list[dict], folder: Path) -> list[Path]:
         # A site not sampled in a round has no entry: its line skips that round.
         pts = [(r["round"], (r["sites"][site] or {}).get("epsilon")) for r in records
                if site in (r.get("sites") or {})]
-        pts = [(x, y) for x, y in pts if y is not None]
+        # inf (noise 0) or no DP cannot be drawn: they are in the summary and privacy.md as such.
+        pts = [(x, y) for x, y in pts if isinstance(y, (int, float))]
         if pts:
             ax.plot(*zip(*pts), "-o", label=site, markersize=4, color=color)
             drawn += 1

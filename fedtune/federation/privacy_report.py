@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fedtune.io_utils import atomic_write_text
+from fedtune.privacy.display import format_epsilon
 
 PROTECTED = """\
 ## What is protected
@@ -20,11 +21,31 @@ PROTECTED = """\
 - **Raw data never leaves a site**: no text, token ids, labels or gradients are sent; a test
   captures every message a site sends and checks this.
 
+## What still travels in the clear
+
+SecAgg+ masks only the adapter update. Everything below reaches the coordinator unmasked and is
+not covered by the DP guarantee:
+
+- **With every train reply** (`SiteReport`): the site's name, its epsilon for this run and in
+  total, delta, noise multiplier, clip norm, sample rate (batch size / training rows, so it
+  reveals the site's size), the number of DP steps and the accountant; with a privacy unit, the
+  rows per unit and the unit-level epsilon and delta. The example count travels inside the
+  SecAgg+ sum. The un-noised **train loss** and the count of **values SecAgg+ clipped** are sent
+  only by sites that opt in (`report-train-loss`, `report-clipping`); by default they stay at
+  the site.
+- **With every evaluation the site answers** (`SiteEvalReport`): the loss, accuracy and F1 (or
+  perplexity) of the global model on its local test rows, and their number. A site answers at
+  most `max-evaluations-per-run` evaluations per run (default: one per round of the run) and none
+  with `answer-evaluation = false`; a declined request is answered with 0 examples and
+  `declined`.
+- **When a site refuses or fails**: one short generic line, e.g. `site-2: refused (privacy
+  budget)`, `site-2: refused (site policy)`, `site-2: data error`, `site-2: internal error`. The
+  full message (file paths, row numbers, column names, label values) stays in the site's log
+  (`site.log` in its state folder).
+- **Metadata**: which sites answered which round, message sizes and timing, SecAgg+ key material.
+
 ## What is not protected
 
-- The **metrics a site reports in the clear**: its example count, train loss, epsilon and the
-  accuracy / loss of the global model on its local test split. These are aggregates, but they are
-  not covered by the DP guarantee.
 - The **global model after each round** is seen by the coordinator and every site; its privacy
   is the DP guarantee above, not secrecy.
 - The guarantees hold against an **honest-but-curious coordinator**: one that runs fedtune's code
@@ -55,11 +76,22 @@ def write_privacy_report(privacy: dict, path: Path) -> None:
     ]
     for site in sorted(sites):
         s = sites[site]
+        acc = s.get("accountant")
         lines.append(
-            f"| {site} | {_fmt(s.get('epsilon'))} | {_fmt(s.get('epsilon_total', s.get('epsilon')))} | "
+            f"| {site} | {format_epsilon(s.get('epsilon'), acc)} | "
+            f"{format_epsilon(s.get('epsilon_total', s.get('epsilon')), acc)} | "
             f"{_fmt(s.get('delta'))} | {_fmt(s.get('noise_multiplier'))} | {_fmt(s.get('max_grad_norm'))} | "
             f"{_fmt(s.get('sample_rate'))} | {_fmt(s.get('steps'))} | {s.get('accountant', '-')} |"
         )
+    units = {site: s for site, s in sites.items() if s.get("rows_per_unit")}
+    if units:
+        lines += ["", "Sites that bound each privacy unit (e.g. a patient) to k rows; the accountant counts rows, "
+                  "so a unit's guarantee is the group-privacy conversion (k x epsilon, k e^((k-1) epsilon) delta):", "",
+                  "| site | rows per unit (k) | epsilon for one unit | delta for one unit |", "|---|---|---|---|"]
+        for site in sorted(units):
+            s = units[site]
+            lines.append(f"| {site} | {s['rows_per_unit']} | {format_epsilon(s.get('epsilon_unit'), s.get('accountant'))} "
+                         f"| {format_epsilon(s.get('delta_unit'))} |")
     refused = privacy.get("refused") or {}
     if refused:
         lines += ["", "Sites that refused to train (and were left out of later rounds):", ""]

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import math
 
+from fedtune.privacy.display import format_epsilon, worst_epsilon
+
+
+class _Eps:
+    def __init__(self, value):
+        self.value = value
+
 
 def _fmt(value) -> str:
+    if isinstance(value, _Eps):
+        return format_epsilon(value.value)
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -30,9 +39,10 @@ def format_summary(records: list[dict]) -> str:
     rows = []
     for r in records:
         central, fed = r.get("central") or {}, r.get("federated") or {}
-        eps = [s.get("epsilon") for s in (r.get("sites") or {}).values() if (s or {}).get("epsilon") is not None]
+        # A site without DP, or with noise 0, shows as "undefined (no DP)" / "inf", never "-".
+        eps = worst_epsilon([(s or {}).get("epsilon") for s in (r.get("sites") or {}).values()])
         rows.append([r.get("round"), *[central.get(m) for m in metrics], fed.get(fed_metric),
-                     max(eps) if eps else None, _mb(r.get("bytes_up")), _mb(r.get("bytes_down")),
+                     _Eps(eps), _mb(r.get("bytes_up")), _mb(r.get("bytes_down")),
                      r.get("seconds")])
     cells = [header] + [[_fmt(v) for v in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]

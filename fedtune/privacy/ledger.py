@@ -73,6 +73,8 @@ class LedgerEntry(BaseModel):
     max_grad_norm: float = Field(gt=0)
     delta: float = Field(gt=0, lt=1)
     accountant: Mechanism
+    # k when the site bounds each privacy unit to k rows (fedtune/data/units.py); absent: 1.
+    rows_per_unit: Optional[int] = Field(None, ge=1)
     time: str  # ISO-8601 UTC
     prev_hash: str  # hash of the previous entry ("" for the first)
     hash: str  # sha256 of the canonical JSON of all other fields
@@ -81,6 +83,7 @@ class LedgerEntry(BaseModel):
     plan: Optional[RunPlan] = None     # on a run's first entry: the plan the site fixed
 
     def expected_hash(self) -> str:
+        # Optional fields left unset are not hashed, so entries written before they existed verify.
         return _sha256_json(self.model_dump(exclude={"hash"}, exclude_none=True))
 
     def line(self) -> str:

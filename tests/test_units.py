@@ -1,0 +1,121 @@
+"""The unit of privacy: at most k rows per unit, a secret random subset; duplicate reports."""
+
+import math
+
+import pandas as pd
+import pytest
+
+from fedtune.data.errors import DataError
+from fedtune.data.units import bound_units, duplicate_report, unit_seed
+from fedtune.privacy.group import group_privacy
+
+
+def _frame(units: list[str]) -> pd.DataFrame:
+    return pd.DataFrame({"text": [f"row {i}" for i in range(len(units))], "label": "pos", "patient": units})
+
+
+@pytest.mark.parametrize("units, k, kept, bounded, largest", [
+    (["a", "b", "c"], 1, 3, 0, 1),                       # one row per unit: nothing to cut
+    (["a", "a", "a", "b"], 1, 2, 1, 3),
+    (["a", "a", "a", "b", "b"], 2, 4, 1, 3),
+    (["a"] * 10 + ["b"] * 2 + ["c"], 3, 6, 1, 10),
+    (["x"] * 5, 5, 5, 0, 5),
+])
+def test_bound_units_keeps_at_most_k_rows_per_unit(units, k, kept, bounded, largest):
+    df = _frame(units)
+    out, report = bound_units(df, "patient", k, seed=123)
+    assert len(out) == kept == report.rows_kept
+    assert out["patient"].value_counts().max() <= k
+    assert (report.units, report.units_bounded, report.largest_unit) == (len(set(units)), bounded, largest)
+    assert list(out.index) == sorted(out.index)  # original order kept
+    # Units with at most k rows keep every row.
+    small = [u for u in set(units) if units.count(u) <= k]
+    assert all((out["patient"] == u).sum() == units.count(u) for u in small)
+
+
+def test_the_subset_depends_on_the_site_secret_and_is_stable():
+    df = _frame(["a"] * 40)
+    key = b"k" * 32
+    first, _ = bound_units(df, "patient", 3, unit_seed(key, "patient"))
+    again, _ = bound_units(df, "patient", 3, unit_seed(key, "patient"))
+    assert list(first.index) == list(again.index)  # the same rows every run on this data
+    others = {tuple(bound_units(df, "patient", 3, unit_seed(bytes([i]) * 32, "patient"))[0].index) for i in range(8)}
+    assert len(others) > 1  # another key, another subset: not predictable without the key
+    assert unit_seed(key, "patient") != unit_seed(key, "other")
+
+
+@pytest.mark.parametrize("units, error", [
+    (["a", None, "b"], r"1 row\(s\) have no value"),
+    (["a", "  ", "b"], r"1 row\(s\) have no value"),
+])
+def test_rows_without_a_unit_are_refused(units, error):
+    with pytest.raises(DataError, match=error):
+        bound_units(_frame(units), "patient", 1, seed=1, source="site.csv")
+
+
+def test_a_missing_unit_column_names_the_file():
+    with pytest.raises(DataError, match="site.csv: no privacy-unit column 'pid'"):
+        bound_units(_frame(["a"]), "pid", 1, seed=1, source="site.csv")
+
+
+@pytest.mark.parametrize("texts, exact, near", [
+    (["a b", "c d", "e f"], 0, 0),
+    (["a b", "a b", "c"], 1, 0),
+    (["a b", "A  B", "a b "], 0, 2),                     # case and whitespace only
+    (["Pain in chest", "pain in  chest", "Pain in chest", "other"], 1, 1),
+    ([], 0, 0),
+])
+def test_duplicate_report(texts, exact, near):
+    df = pd.DataFrame({"text": texts, "label": ["pos"] * len(texts)})
+    report = duplicate_report(df, ["text", "label"])
+    assert (report.exact, report.near, report.any) == (exact, near, bool(exact or near))
+
+
+@pytest.mark.parametrize("eps, delta, k, expected", [
+    (1.0, 1e-5, 1, (1.0, 1e-5)),
+    (1.0, 1e-5, 2, (2.0, 2 * math.e * 1e-5)),
+    (0.5, 1e-6, 4, (2.0, 4 * math.exp(1.5) * 1e-6)),
+    (math.inf, 1e-5, 3, (math.inf, math.inf)),
+    (800.0, 1e-5, 3, (2400.0, math.inf)),                # exp overflows: no guarantee, never capped
+])
+def test_group_privacy(eps, delta, k, expected):
+    got = group_privacy(eps, delta, k)
+    assert got[0] == pytest.approx(expected[0]) and got[1] == pytest.approx(expected[1])
+
+
+def test_a_site_without_unit_column_reports_duplicates_before_training(tmp_path, caplog):
+    from fedtune import tiny
+    from fedtune.client.runtime import _site_config, _site_rows
+    from fedtune.client.settings import SiteSettings
+    from fedtune.config import load_config
+
+    rows = tiny.separable_rows(12, seed=1)
+    rows += [dict(rows[0]), {"text": rows[1]["text"].upper() + "  ", "label": rows[1]["label"]}]
+    data = tiny.write_csv(rows, tmp_path / "site.csv")
+    settings = SiteSettings.model_validate({"site-id": "s", "data-path": str(data), "state-dir": str(tmp_path / "st")})
+    toml = load_config(None, ['data.labels=["neg","pos"]']).to_toml()
+    with caplog.at_level("WARNING", logger="fedtune.client.site"):
+        kept, _, units = _site_rows(_site_config(toml, settings), settings, toml, tmp_path / "st")
+    assert units is None and len(kept) == 13  # the exact duplicate is dropped, the near one kept
+    assert "1 exact and 1 near-duplicate rows" in caplog.text
+
+    settings = settings.model_copy(update={"privacy_unit": "label", "max_rows_per_unit": 2})
+    kept, _, units = _site_rows(_site_config(toml, settings), settings, toml, tmp_path / "st")
+    assert units.units == 2 and len(kept) == 4 and "label" in kept.columns  # label is both unit and column
+
+
+def test_a_delta_at_or_above_one_over_n_is_warned_about_at_the_site(caplog):
+    from fedtune.client.runtime import _warn_about_delta
+    from fedtune.client.settings import SiteSettings
+    from fedtune.config import load_config
+
+    cfg = load_config(None, ["privacy.target_delta=0.01"])
+    site = SiteSettings.model_validate({"site-id": "s", "data-path": "x.csv"})
+    with caplog.at_level("WARNING", logger="fedtune.client.site"):
+        _warn_about_delta(cfg, site, 50)  # 0.01 < 1/50
+        assert caplog.text == ""
+        _warn_about_delta(cfg, site, 100)  # 0.01 >= 1/100
+        assert "delta 0.01 is at least 1/N for N = 100" in caplog.text
+        caplog.clear()
+        _warn_about_delta(cfg, site.model_copy(update={"target_delta": 1e-6}), 100)  # the site's own is stricter
+        assert caplog.text == ""
