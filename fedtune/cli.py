@@ -73,7 +73,10 @@ def _cmd_split_data(args) -> int:
 def _load(args):
     from fedtune.config import load_config
 
-    return load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.config is None and not any(o.strip().startswith(("data.train", "data.builtin", "federation.site_files")) for o in overrides):
+        overrides.insert(0, "data.builtin=demo")  # no config file: the built-in demo, asked for here
+    return load_config(args.config, overrides)
 
 
 def _cmd_show_config(args) -> int:

@@ -46,8 +46,9 @@ class LoraConfig(_Section):
 
 
 class DataConfig(_Section):
-    # A site's local file (CSV, TSV, JSON Lines or Parquet) or, with builtin = "demo",
-    # the generated demo dataset.
+    # A site's local file (CSV, TSV, JSON Lines or Parquet) or, only when asked for with
+    # builtin = "demo", the generated demo dataset (whose columns are always text/label).
+    # Neither: the data comes from elsewhere (federation.site_files, a deployed site's own file).
     train: Optional[Path] = None
     eval: Optional[Path] = None
     format: Literal["auto", "csv", "tsv", "jsonl", "parquet"] = "auto"
@@ -63,14 +64,6 @@ class DataConfig(_Section):
     # The label names in id order. Empty: taken from the training rows. In a federation the
     # coordinator fixes them and sends them to every site.
     labels: list[str] = []
-
-    @model_validator(mode="before")
-    @classmethod
-    def _demo_when_no_file(cls, raw: Any) -> Any:
-        # No training file named: the built-in demo data, so that a bare config runs.
-        if isinstance(raw, dict) and raw.get("train") is None and raw.get("builtin") is None:
-            return {**raw, "builtin": "demo"}
-        return raw
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataConfig":
@@ -153,6 +146,15 @@ class FederationConfig(_Section):
     # The run's name in the sites' ledgers; default: a fresh random id per run.
     run_id: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9._-]{1,64}$")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _sites_from_files(cls, raw: Any) -> Any:
+        # partition = "files": one site per file, so `sites` need not be repeated.
+        if (isinstance(raw, dict) and raw.get("partition") == "files" and "sites" not in raw
+                and isinstance(raw.get("site_files"), list) and raw["site_files"]):
+            return {**raw, "sites": len(raw["site_files"])}
+        return raw
+
     @model_validator(mode="after")
     def _files_match_sites(self) -> "FederationConfig":
         if self.partition == "files" and len(self.site_files) != self.sites:
@@ -170,6 +172,14 @@ class FedTuneConfig(_Section):
     train: TrainConfig = TrainConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     federation: FederationConfig = FederationConfig()
+
+    @model_validator(mode="after")
+    def _files_are_the_data(self) -> "FedTuneConfig":
+        if self.federation.partition == "files" and (self.data.train is not None or self.data.builtin is not None):
+            which = "data.train" if self.data.train is not None else "data.builtin"
+            raise ValueError(f"federation.partition = 'files' reads each site's rows from federation.site_files: "
+                             f"remove {which} (the coordinator evaluates on data.eval)")
+        return self
 
     def to_toml(self) -> str:
         return tomli_w.dumps(_drop_none(self.model_dump(mode="json")))
