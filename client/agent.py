@@ -104,6 +104,8 @@ class SiteClient(NumPyClient):
             accountant=privacy.accountant if privacy.enabled else "none",
             clipped_values=_clipped(arrays, site.num_train, instr),
         )
+        if instr.max_weight:  # SecAgg+ quantises to 2**30 levels: float32 would round away 6 bits
+            arrays = [a.astype(np.float64) for a in arrays]
         return arrays, site.num_train, report.to_record()
 
     def evaluate(self, parameters, config):

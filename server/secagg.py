@@ -18,6 +18,19 @@ class SecAggSettingsError(ValueError):
     pass
 
 
+def weight_bucket(examples: int) -> int:
+    """The power of two at or above a site's example count: what a site declares of its size,
+    so the coordinator learns it only within a factor of two."""
+    return 1 << max(0, int(examples) - 1).bit_length()
+
+
+def quantisation_error(settings: "SecAggSettings", examples: int) -> float:
+    """The largest error SecAgg+'s quantisation adds to each value of a site with ``examples``
+    rows: the site sends (examples / max_weight) * value in steps of 2 * clipping / levels, so
+    its value itself is known to 2 * clipping * max_weight / (levels * examples)."""
+    return 2 * settings.clipping_range * settings.max_weight / (settings.quantization_range * max(1, examples))
+
+
 class SecAggSettings(BaseModel):
     # A float is Flower's "this fraction of the sampled sites" (1.0: all of them).
     num_shares: int | float
@@ -49,15 +62,17 @@ def secagg_settings(fed: FederationConfig, adapter: list[np.ndarray], max_site_e
         shares, threshold = 1.0, 1.0
     else:
         shares = fed.secagg_num_shares or n
-        threshold = fed.secagg_reconstruction_threshold or max(2, math.ceil(2 * shares / 3))
-        if threshold >= shares:
-            threshold = shares - 1
+        threshold = fed.secagg_reconstruction_threshold
+        if not threshold:  # derived: two thirds of the shares, below the share count
+            threshold = min(max(2, math.ceil(2 * shares / 3)), shares - 1)
     if isinstance(shares, int) and (not 2 < shares <= n or not 2 <= threshold < shares):
         raise SecAggSettingsError(
             f"federation.secagg_num_shares = {shares} / secagg_reconstruction_threshold = {threshold}: "
             f"need 2 < shares <= sites per round ({n}) and 2 <= threshold < shares"
         )
-    max_weight = fed.secagg_max_weight or float(max(1000, 2 * (max_site_examples or 0)))
+    # Known site sizes (simulation): the power-of-two bucket of the largest. A deployed
+    # coordinator knows none: the sites declare their buckets in the pre-flight (set_max_weight).
+    max_weight = fed.secagg_max_weight or (float(weight_bucket(max_site_examples)) if max_site_examples else 0.0)
     if max_site_examples is not None and max_site_examples > max_weight:
         raise SecAggSettingsError(
             f"federation.secagg_max_weight = {max_weight} is below a site's example count ({max_site_examples}): "

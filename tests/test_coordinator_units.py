@@ -31,7 +31,8 @@ def test_secagg_defaults_follow_the_number_of_sites():
 
 def test_secagg_quantization_overflow_is_refused():
     with pytest.raises(SecAggSettingsError, match="overflows"):
-        secagg_settings(_fed("federation.sites=4", "federation.secagg_quantization_range=1073741824"),
+        secagg_settings(_fed("federation.sites=4", "federation.secagg_quantization_range=1073741824",
+                             "federation.secagg_modulus_range=4294967296"),
                         [np.zeros(3, np.float32)], 10)
 
 
