@@ -139,6 +139,17 @@ class FederationConfig(_Section):
     secagg_modulus_range: int = Field(2**40, ge=2, le=2**56)
     # 0: the power-of-two bucket of the largest site (deployed: the sites declare it in the pre-flight)
     secagg_max_weight: float = Field(0, ge=0)
+    # Deadlines and dropouts. A round needs min_sites sites (0: the fewest SecAgg+ can unmask
+    # with, else 1); each message exchange waits at most stage_timeout seconds (SecAgg+ key
+    # exchange and unmasking, the pre-flight), training and evaluation train_timeout; a round
+    # without min_sites eligible sites waits join_timeout for them, then the run stops. A site is
+    # left out for the rest of the run after a budget refusal, a failed pre-flight, or
+    # max_consecutive_failures failed rounds in a row.
+    min_sites: int = Field(0, ge=0)
+    stage_timeout: float = Field(300.0, gt=0)
+    train_timeout: float = Field(3600.0, gt=0)
+    join_timeout: float = Field(600.0, gt=0)
+    max_consecutive_failures: int = Field(2, ge=1)
     early_stopping_patience: int = Field(0, ge=0)  # rounds without improvement; 0: off
     early_stopping_metric: Literal["accuracy", "f1", "loss", "perplexity"] = "accuracy"
     merge_final: bool = False                     # also save the base model with the adapter merged

@@ -10,18 +10,13 @@ import numpy as np
 from pydantic import BaseModel
 
 from fedtune.config import FederationConfig
+from fedtune.federation.preflight import weight_bucket  # what sites declare of their size
 
 log = logging.getLogger("fedtune.server")
 
 
 class SecAggSettingsError(ValueError):
     pass
-
-
-def weight_bucket(examples: int) -> int:
-    """The power of two at or above a site's example count: what a site declares of its size,
-    so the coordinator learns it only within a factor of two."""
-    return 1 << max(0, int(examples) - 1).bit_length()
 
 
 def quantisation_error(settings: "SecAggSettings", examples: int) -> float:

@@ -56,13 +56,14 @@ class _FakeEvaluator:
 def _recorder(tmp_path, *sets):
     cfg = load_config(None, ["federation.rounds=10", *sets])
     run = PreparedRun(cfg, tmp_path, _FakeEvaluator(), [np.zeros(2, np.float32)], "run1", 0, {}, None, True)
-    grid = SimpleNamespace(take=lambda: ({}, {}))
+    grid = SimpleNamespace(take=lambda: ({}, {}), errors={})
     return RunRecorder(run, grid)
 
 
 def _round(rec, rnd, accuracy):
     rec.start_round(rnd)
     rec.current["central"] = {"accuracy": accuracy, "loss": 1.0}
+    rec.current["aggregated"] = True  # as on_fit does when SecAgg+ delivered an aggregate
     rec.end_round(rnd)
 
 

@@ -31,7 +31,8 @@ def format_summary(records: list[dict]) -> str:
     for r in records:
         central, fed = r.get("central") or {}, r.get("federated") or {}
         eps = [s.get("epsilon") for s in (r.get("sites") or {}).values() if (s or {}).get("epsilon") is not None]
-        rows.append([r.get("round"), *[central.get(m) for m in metrics], fed.get(fed_metric),
+        rnd = f"{r.get('round')} FAILED" if r.get("failed") else r.get("round")  # model unchanged that round
+        rows.append([rnd, *[central.get(m) for m in metrics], fed.get(fed_metric),
                      max(eps) if eps else None, _mb(r.get("bytes_up")), _mb(r.get("bytes_down")),
                      r.get("seconds")])
     cells = [header] + [[_fmt(v) for v in row] for row in rows]
