@@ -97,6 +97,8 @@ class SiteClient(NumPyClient):
             clipped_values=clipped if self.settings.report_clipping else None,
             **unit,
         )
+        if instr.max_weight:  # SecAgg+ quantises to 2**30 levels: float32 would round away 6 bits
+            arrays = [a.astype(np.float64) for a in arrays]
         return arrays, site.num_train, report.to_record()
 
     def _train(self, site: SiteRuntime, instr: RoundInstructions, budget: SiteBudget, folder, steps: int):

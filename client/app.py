@@ -12,6 +12,7 @@ from flwr.app import Context
 from flwr.client import ClientApp
 
 from .mods import private_errors_mod, secure_aggregation_mod
+from .preflight import preflight_mod
 from .settings import settings_from_node_config
 
 
@@ -24,7 +25,8 @@ def client_fn(context: Context):
 def make_client_app(extra_mods: list | None = None) -> ClientApp:
     """``extra_mods`` run outside secure aggregation and outside ``private_errors_mod`` (which
     turns every failure into a generic reply), so they see exactly what leaves the site."""
-    return ClientApp(client_fn=client_fn, mods=[*(extra_mods or []), private_errors_mod, secure_aggregation_mod])
+    mods = [*(extra_mods or []), private_errors_mod, preflight_mod, secure_aggregation_mod]
+    return ClientApp(client_fn=client_fn, mods=mods)
 
 
 app = make_client_app()

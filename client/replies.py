@@ -19,15 +19,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
+from fedtune.federation.refusal import DATA_ERROR, INTERNAL_ERROR, KINDS, REFUSED_BUDGET, REFUSED_POLICY
+
 log = logging.getLogger("fedtune.client.site")
 
 LOG_FILE = "site.log"
 
 # An exception class may set ``public_kind`` to say which generic reason it maps to.
-REFUSED_BUDGET = "refused (privacy budget)"
-REFUSED_POLICY = "refused (site policy)"
-DATA_ERROR = "data error"
-INTERNAL_ERROR = "internal error"
 
 _SAFE_SITE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -41,7 +39,7 @@ def failure_kind(exc: BaseException) -> str:
     from fedtune.data.errors import DataError
 
     kind = getattr(exc, "public_kind", None)
-    if isinstance(kind, str) and kind in (REFUSED_BUDGET, REFUSED_POLICY, DATA_ERROR, INTERNAL_ERROR):
+    if isinstance(kind, str) and kind in KINDS:
         return kind
     names = {cls.__name__ for cls in type(exc).__mro__}
     if "BudgetRefusal" in names:

@@ -88,7 +88,10 @@ def _cmd_split_data(args) -> int:
 def _load(args):
     from fedtune.config import load_config
 
-    return load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.config is None and not any(o.strip().startswith(("data.train", "data.builtin", "federation.site_files")) for o in overrides):
+        overrides.insert(0, "data.builtin=demo")  # no config file: the built-in demo, asked for here
+    return load_config(args.config, overrides)
 
 
 def _cmd_show_config(args) -> int:
@@ -115,10 +118,13 @@ def _cmd_simulate(args) -> int:
         args.overrides.append(f"federation.sites={args.sites}")
     if args.rounds is not None:
         args.overrides.append(f"federation.rounds={args.rounds}")
-    ended = simulate(_load(args), args.out, resume=args.resume)
+    if args.resume:  # the saved run's config, with only what --set / --rounds change explicitly
+        ended = simulate(None, args.out, resume=True, resume_overrides=args.overrides)
+    else:
+        ended = simulate(_load(args), args.out)
     print(f"\nfedtune simulate -> {args.out} ({ended})")
     print(format_summary(read_records(args.out / "metrics.jsonl")))
-    return 0 if ended != "interrupted" else 3
+    return 3 if ended == "interrupted" else 4 if ended.startswith("stopped") else 0
 
 
 def _site_sizes(cfg) -> list[tuple[str, int]]:

@@ -46,8 +46,9 @@ class LoraConfig(_Section):
 
 
 class DataConfig(_Section):
-    # A site's local file (CSV, TSV, JSON Lines or Parquet) or, with builtin = "demo",
-    # the generated demo dataset.
+    # A site's local file (CSV, TSV, JSON Lines or Parquet) or, only when asked for with
+    # builtin = "demo", the generated demo dataset (whose columns are always text/label).
+    # Neither: the data comes from elsewhere (federation.site_files, a deployed site's own file).
     train: Optional[Path] = None
     eval: Optional[Path] = None
     format: Literal["auto", "csv", "tsv", "jsonl", "parquet"] = "auto"
@@ -63,14 +64,6 @@ class DataConfig(_Section):
     # The label names in id order. Empty: taken from the training rows. In a federation the
     # coordinator fixes them and sends them to every site.
     labels: list[str] = []
-
-    @model_validator(mode="before")
-    @classmethod
-    def _demo_when_no_file(cls, raw: Any) -> Any:
-        # No training file named: the built-in demo data, so that a bare config runs.
-        if isinstance(raw, dict) and raw.get("train") is None and raw.get("builtin") is None:
-            return {**raw, "builtin": "demo"}
-        return raw
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataConfig":
@@ -146,9 +139,23 @@ class FederationConfig(_Section):
     secagg_num_shares: int = Field(0, ge=0)
     secagg_reconstruction_threshold: int = Field(0, ge=0)
     secagg_clipping_range: float = Field(8.0, gt=0)
-    secagg_quantization_range: int = Field(2**22, ge=2)
-    secagg_modulus_range: int = Field(2**32, ge=2)
+    # 2**30 levels (the most Flower's int32 quantiser holds) keep a 100-row site's values exact
+    # to ~1e-5 beside a 100,000-row site; masks are int64, so the modulus can exceed 2**32.
+    secagg_quantization_range: int = Field(2**30, ge=2, lt=2**31)
+    secagg_modulus_range: int = Field(2**40, ge=2, le=2**56)
+    # 0: the power-of-two bucket of the largest site (deployed: the sites declare it in the pre-flight)
     secagg_max_weight: float = Field(0, ge=0)
+    # Deadlines and dropouts. A round needs min_sites sites (0: the fewest SecAgg+ can unmask
+    # with, else 1); each message exchange waits at most stage_timeout seconds (SecAgg+ key
+    # exchange and unmasking, the pre-flight), training and evaluation train_timeout; a round
+    # without min_sites eligible sites waits join_timeout for them, then the run stops. A site is
+    # left out for the rest of the run after a budget refusal, a failed pre-flight, or
+    # max_consecutive_failures failed rounds in a row.
+    min_sites: int = Field(0, ge=0)
+    stage_timeout: float = Field(300.0, gt=0)
+    train_timeout: float = Field(3600.0, gt=0)
+    join_timeout: float = Field(600.0, gt=0)
+    max_consecutive_failures: int = Field(2, ge=1)
     early_stopping_patience: int = Field(0, ge=0)  # rounds without improvement; 0: off
     early_stopping_metric: Literal["accuracy", "f1", "loss", "perplexity"] = "accuracy"
     merge_final: bool = False                     # also save the base model with the adapter merged
@@ -159,6 +166,15 @@ class FederationConfig(_Section):
     site_state_dir: Optional[Path] = None
     # The run's name in the sites' ledgers; default: a fresh random id per run.
     run_id: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9._-]{1,64}$")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sites_from_files(cls, raw: Any) -> Any:
+        # partition = "files": one site per file, so `sites` need not be repeated.
+        if (isinstance(raw, dict) and raw.get("partition") == "files" and "sites" not in raw
+                and isinstance(raw.get("site_files"), list) and raw["site_files"]):
+            return {**raw, "sites": len(raw["site_files"])}
+        return raw
 
     @model_validator(mode="after")
     def _files_match_sites(self) -> "FederationConfig":
@@ -177,6 +193,14 @@ class FedTuneConfig(_Section):
     train: TrainConfig = TrainConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     federation: FederationConfig = FederationConfig()
+
+    @model_validator(mode="after")
+    def _files_are_the_data(self) -> "FedTuneConfig":
+        if self.federation.partition == "files" and (self.data.train is not None or self.data.builtin is not None):
+            which = "data.train" if self.data.train is not None else "data.builtin"
+            raise ValueError(f"federation.partition = 'files' reads each site's rows from federation.site_files: "
+                             f"remove {which} (the coordinator evaluates on data.eval)")
+        return self
 
     def to_toml(self) -> str:
         return tomli_w.dumps(_drop_none(self.model_dump(mode="json")))

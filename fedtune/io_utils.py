@@ -35,8 +35,10 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def atomic_replace_dir(tmp_dir: Path, final_dir: Path) -> None:
-    """Move a fully written folder into place, replacing any previous one."""
+    """Move a fully written folder into place, replacing any previous one. Every file in it is
+    fsynced first: after a power cut the new folder is complete or the old one is there."""
     final_dir = Path(final_dir)
+    fsync_tree(Path(tmp_dir))
     old = final_dir.with_name(f".{final_dir.name}.old")
     if old.exists():
         shutil.rmtree(old)
@@ -46,6 +48,37 @@ def atomic_replace_dir(tmp_dir: Path, final_dir: Path) -> None:
     if old.exists():
         shutil.rmtree(old)
     _fsync_dir(final_dir.parent)
+
+
+def fsync_tree(folder: Path) -> None:
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb+") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(Path(root))
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line and fsync it (a crash can only tear the last line: see read_jsonl)."""
+    with Path(path).open("a", encoding="utf-8") as fh:
+        fh.write(line.rstrip("\n") + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_jsonl(path: Path) -> list:
+    """The objects of a JSON-lines file; a torn last line (a crash mid-append) is skipped, a bad
+    line anywhere else is an error naming it."""
+    lines = [(i, line) for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    out = []
+    for k, (number, line) in enumerate(lines):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if k == len(lines) - 1:
+                break
+            raise ValueError(f"{path}, line {number}: not valid JSON ({exc})") from None
+    return out
 
 
 def _fsync_dir(folder: Path) -> None:

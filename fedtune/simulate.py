@@ -19,6 +19,7 @@ def simulate(
     client_mods: Optional[list] = None,
     stop_after_round: Optional[int] = None,
     cpus: Optional[int] = None,
+    resume_overrides: Optional[list[str]] = None,
 ) -> str:
     """Validate (before any round), then run the rounds; returns how the run ended."""
     from flwr.server import ServerApp
@@ -27,7 +28,7 @@ def simulate(
     from fedtune.client.app import make_client_app
     from fedtune.server.coordinator import execute_run, prepare_run
 
-    run = prepare_run(cfg, Path(out_dir), resume=resume, simulated=True)
+    run = prepare_run(cfg, Path(out_dir), resume=resume, simulated=True, overrides=resume_overrides)
     outcome: dict[str, str] = {}
     server_app = ServerApp()
 

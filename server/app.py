@@ -10,6 +10,7 @@ directory), ``mode`` (``simulation``: split the config's dataset across the simu
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from flwr.app import Context
@@ -31,10 +32,14 @@ def main(grid: Grid, context: Context) -> None:
     config_path = Path(str(rc["config"])).expanduser()
     if not config_path.is_absolute():
         config_path = Path(__file__).resolve().parents[1] / config_path
-    cfg = load_config(config_path)
+    overrides = []
+    if str(rc.get("overrides", "")):  # a JSON list of KEY=VALUE written by `fedtune submit`
+        overrides = json.loads(Path(str(rc["overrides"])).read_text())
+    resume = bool(rc.get("resume", False))
+    cfg = None if resume else load_config(config_path, overrides)
     out = Path(str(rc.get("out", "runs/flwr-run"))).expanduser().resolve()
-    run = prepare_run(cfg, out, resume=bool(rc.get("resume", False)),
-                      simulated=str(rc.get("mode", "simulation")) == "simulation")
+    run = prepare_run(cfg, out, resume=resume, simulated=str(rc.get("mode", "simulation")) == "simulation",
+                      overrides=overrides)
     ended = execute_run(grid, context, run)
     # How the run ended, for whoever submitted it (`fedtune server` reads it).
     atomic_write_json(out / "run.json", {"run_id": run.run_id, "ended": ended})

@@ -21,7 +21,9 @@ from fedtune.io_utils import atomic_replace_dir, atomic_write_json
 KEEP = 2  # older round folders are deleted once a newer one is in place
 
 
-def save_checkpoint(folder: Path, rnd: int, arrays: "OrderedDict[str, np.ndarray]", state: dict) -> Path:
+def save_checkpoint(folder: Path, rnd: int, arrays: "OrderedDict[str, np.ndarray]", state: dict,
+                    optimizer: Optional[dict[str, list[np.ndarray]]] = None) -> Path:
+    """``optimizer``: the server optimiser's state (FedAdam's moments), restored on resume."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".round-", dir=folder))
@@ -29,6 +31,9 @@ def save_checkpoint(folder: Path, rnd: int, arrays: "OrderedDict[str, np.ndarray
     try:
         with open(tmp / "adapter.npz", "wb") as fh:
             np.savez(fh, **{f"{i:04d}": a for i, a in enumerate(arrays.values())})
+        if optimizer:
+            with open(tmp / "optimizer.npz", "wb") as fh:
+                np.savez(fh, **{f"{key}-{i:04d}": a for key, values in optimizer.items() for i, a in enumerate(values)})
         atomic_write_json(tmp / "names.json", list(arrays.keys()))
         atomic_write_json(tmp / "state.json", {**state, "round": rnd})
         atomic_replace_dir(tmp, final)
@@ -52,3 +57,19 @@ def load_latest(folder: Path) -> Optional[tuple[int, "OrderedDict[str, np.ndarra
         arrays = OrderedDict((n, npz[f"{i:04d}"]) for i, n in enumerate(names))
     state = json.loads((path / "state.json").read_text())
     return int(latest["round"]), arrays, state
+
+
+def load_optimizer(folder: Path) -> dict[str, list[np.ndarray]]:
+    """The server optimiser's state saved with the latest checkpoint ({} if none)."""
+    pointer = Path(folder) / "latest.json"
+    if not pointer.is_file():
+        return {}
+    path = Path(folder) / json.loads(pointer.read_text())["path"] / "optimizer.npz"
+    if not path.is_file():
+        return {}
+    out: dict[str, list[np.ndarray]] = {}
+    with np.load(path) as npz:
+        for name in sorted(npz.files):
+            key, _ = name.rsplit("-", 1)
+            out.setdefault(key, []).append(npz[name])
+    return out

@@ -13,7 +13,9 @@ from typing import Optional
 
 import numpy as np
 from flwr.server import LegacyContext, ServerConfig
-from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow import DefaultWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
+from flwr.server.workflow.default_workflows import default_evaluate_workflow
 
 from fedtune.config import FedTuneConfig, save_config
 from fedtune.data import LabelMap, read_table
@@ -21,14 +23,19 @@ from fedtune.data.cleaning import clean_rows
 from fedtune.data.site import data_columns
 from fedtune.federation.dataset import FederatedRows, federated_rows
 from fedtune.federation.messages import RoundInstructions, SiteReport
-from fedtune.io_utils import atomic_write_json
+from fedtune.federation.refusal import refusal_kind, refusing_site
+from fedtune.io_utils import append_line, atomic_write_json, atomic_write_text, read_jsonl
 from fedtune.privacy.display import epsilon_record, format_epsilon, worst_epsilon
 
 from .central_eval import CentralEvaluator
-from .checkpoints import load_latest, save_checkpoint
+from .checkpoints import load_latest, load_optimizer, save_checkpoint
+from .client_manager import EligibleClientManager
+from .health import SiteHealth
 from .metering import MeteredGrid
+from .roster import SiteRoster, TooFewSites
 from .secagg import SecAggSettings, secagg_settings
-from .strategy import make_strategy
+from .secagg_workflow import ResilientSecAggPlusWorkflow
+from .strategy import make_strategy, optimizer_state
 
 log = logging.getLogger("fedtune.server")
 
@@ -38,9 +45,24 @@ class RunError(ValueError):
 
 
 class StopRun(Exception):
-    def __init__(self, reason: str, interrupted: bool = False):
+    """``failed``: the run cannot go on (too few sites), as opposed to early stopping."""
+
+    def __init__(self, reason: str, interrupted: bool = False, failed: bool = False):
         super().__init__(reason)
         self.interrupted = interrupted
+        self.failed = failed
+
+
+def min_sites(cfg: FedTuneConfig, secagg: Optional[SecAggSettings]) -> int:
+    """The fewest sites a round can run with: federation.min_sites, else what SecAgg+ needs to
+    unmask (its reconstruction threshold; both of two sites), else one."""
+    if cfg.federation.min_sites:
+        return cfg.federation.min_sites
+    if secagg is None:
+        return 1
+    if isinstance(secagg.num_shares, float):
+        return 2
+    return max(2, int(secagg.reconstruction_threshold))
 
 
 @dataclass
@@ -54,6 +76,7 @@ class PreparedRun:
     state: dict
     secagg: Optional[SecAggSettings]
     simulated: bool
+    optimizer: dict = field(default_factory=dict)   # the server optimiser's checkpointed state (FedAdam)
 
 
 def coordinator_rows(cfg: FedTuneConfig) -> FederatedRows:
@@ -68,8 +91,32 @@ def coordinator_rows(cfg: FedTuneConfig) -> FederatedRows:
     return FederatedRows([], central, str(cfg.data.eval), cols, label_map)
 
 
-def prepare_run(cfg: FedTuneConfig, out_dir: Path, resume: bool = False, simulated: bool = True) -> PreparedRun:
-    """Everything that can fail before round 1 fails here, with a message naming what to change."""
+# What a resumed run may change: more rounds, deadlines and the site policy, where outputs go.
+# Everything else (model, data split, privacy, SecAgg+, strategy) is the saved run's.
+RESUMABLE = ("federation.rounds", "federation.min_sites", "federation.stage_timeout", "federation.train_timeout",
+             "federation.join_timeout", "federation.max_consecutive_failures", "federation.early_stopping_patience",
+             "federation.merge_final", "train.device", "train.progress")
+
+
+def resumed_config(out_dir: Path, overrides: list[str]) -> FedTuneConfig:
+    """The run's saved config (config.toml in its folder) with explicit, validated overrides."""
+    from fedtune.config import ConfigError, load_config, parse_override
+
+    for text in overrides:
+        key = ".".join(parse_override(text)[0])
+        if key not in RESUMABLE:
+            raise RunError(f"--resume: {key} cannot change in a resumed run (it continues the saved run's "
+                           f"model, data, privacy and protocol); allowed: {', '.join(RESUMABLE)}")
+    try:
+        return load_config(Path(out_dir) / "config.toml", overrides)
+    except ConfigError as err:
+        raise RunError(f"--resume: {err}") from None
+
+
+def prepare_run(cfg: Optional[FedTuneConfig], out_dir: Path, resume: bool = False, simulated: bool = True,
+                overrides: Optional[list[str]] = None) -> PreparedRun:
+    """Everything that can fail before round 1 fails here, with a message naming what to change.
+    On resume ``cfg`` is not used: the saved config with ``overrides`` (RESUMABLE keys) is."""
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
     latest = load_latest(ckpt_dir) if ckpt_dir.exists() else None
@@ -78,9 +125,7 @@ def prepare_run(cfg: FedTuneConfig, out_dir: Path, resume: bool = False, simulat
     if resume:
         if latest is None:
             raise RunError(f"--resume: no checkpoint in {ckpt_dir}")
-        saved = FedTuneConfig.model_validate(_load_toml(out_dir / "config.toml"))
-        cfg = saved.model_copy(update={"federation": saved.federation.model_copy(
-            update={"rounds": cfg.federation.rounds})})
+        cfg = resumed_config(out_dir, list(overrides or []))
     rows = federated_rows(cfg) if simulated else coordinator_rows(cfg)
     if rows.label_map is not None:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"labels": rows.label_map.labels})})
@@ -94,13 +139,8 @@ def prepare_run(cfg: FedTuneConfig, out_dir: Path, resume: bool = False, simulat
     if cfg.federation.secure_aggregation:
         largest = max((len(s) for s in rows.sites), default=None)
         secagg = secagg_settings(cfg.federation, initial, largest)
-    return PreparedRun(cfg, out_dir, evaluator, initial, run_id, offset, state, secagg, simulated)
-
-
-def _load_toml(path: Path) -> dict:
-    import tomllib
-
-    return tomllib.loads(path.read_text())
+    optimizer = load_optimizer(ckpt_dir) if latest is not None else {}
+    return PreparedRun(cfg, out_dir, evaluator, initial, run_id, offset, state, secagg, simulated, optimizer)
 
 
 @dataclass
@@ -110,15 +150,22 @@ class RunRecorder:
     run: PreparedRun
     grid: MeteredGrid
     stop_after_round: Optional[int] = None
-    node_site: dict = field(default_factory=dict)
     current: dict = field(default_factory=dict)
     latest_arrays: Optional[list] = None
     round_started: float = 0.0
     sampled: set = field(default_factory=set)
-    excluded: set = field(default_factory=set)
     refused: dict = field(default_factory=dict)
+    strategy: Optional[object] = None
+    fit_workflow: Optional[object] = None
 
     def __post_init__(self):
+        fed = self.run.cfg.federation
+        self.roster = SiteRoster(
+            min_sites=min_sites(self.run.cfg, self.run.secagg), planned_sites=fed.sites,
+            join_timeout=fed.join_timeout, stage_timeout=fed.stage_timeout, preflight=not self.run.simulated,
+            health=SiteHealth(fed.max_consecutive_failures), fixed_max_weight=fed.secagg_max_weight,
+            max_weight=self.run.secagg.max_weight if self.run.secagg else 0.0,
+            needed_for=" for SecAgg+" if self.run.secagg else "")
         s = self.run.state
         self.best_round = s.get("best_round")
         self.best_value = s.get("best_value")
@@ -126,10 +173,15 @@ class RunRecorder:
         self.privacy: dict = s.get("privacy", {})
         self.latest_arrays = self.run.initial
         self.round_started = time.perf_counter()
+        self.failed_rounds = 0
 
     @property
     def cfg(self) -> FedTuneConfig:
         return self.run.cfg
+
+    @property
+    def node_site(self) -> dict:
+        return self.roster.node_site
 
     def absolute(self, server_round: int) -> int:
         return self.run.offset + server_round
@@ -143,7 +195,7 @@ class RunRecorder:
             round=max(1, self.absolute(server_round)),
             rounds=self.cfg.federation.rounds,
             config=self.cfg.to_toml(),
-            max_weight=secagg.max_weight if secagg else 0.0,
+            max_weight=self.roster.max_weight if secagg else 0.0,
             clipping_range=secagg.clipping_range if secagg else 0.0,
             proximal_mu=self.cfg.federation.proximal_mu if self.cfg.federation.strategy == "fedprox" else 0.0,
             site_state_root=str(self.cfg.federation.site_state_dir or self.run.out_dir / "sites")
@@ -161,7 +213,29 @@ class RunRecorder:
 
     def start_round(self, server_round: int) -> None:
         self.round_started = time.perf_counter()
-        self.current = {"round": self.absolute(server_round), "sites": {}, "failures": 0}
+        self.current = {"round": self.absolute(server_round), "sites": {}, "failures": 0, "failed": None,
+                        "aggregated": False}
+        self.grid.errors.clear()
+
+    def admit(self, server_round: int) -> None:
+        """The pre-flight for newly connected sites, and the settings they imply."""
+        try:
+            self.roster.admit(self.grid, self.run.run_id, self.cfg.to_toml())
+        except TooFewSites as too_few:
+            raise StopRun(f"round {self.absolute(server_round)}: {too_few}; stopping the run", failed=True) from None
+        if self.run.secagg and self.roster.max_weight:
+            self.run.secagg.max_weight = self.roster.max_weight
+            if self.fit_workflow is not None:
+                self.fit_workflow.max_weight = self.roster.max_weight
+
+    def round_failed(self, server_round: int, reason: str, answered: set, results: list) -> None:
+        """Aggregation did not happen: the round is recorded as failed, the model is unchanged.
+        Sites that trained before the protocol stopped have spent privacy: recorded too."""
+        self.current["failed"] = reason
+        log.error("round %d FAILED: %s; the model is unchanged", self.absolute(server_round), reason)
+        for proxy, res in results:
+            self._record_site(proxy.node_id, res, trained=False)
+        self._count_failures(server_round, answered)
 
     def central_evaluate(self, server_round: int, arrays: list[np.ndarray], config: dict):
         self.latest_arrays = [np.asarray(a, dtype=np.float32) for a in arrays]
@@ -179,27 +253,36 @@ class RunRecorder:
     # -- sites that refuse (budget spent) or fail are left out of later rounds ---------------
 
     def select(self, server_round: int, instructions: list) -> list:
-        """Drop excluded sites from a round's sample; end the run if too few remain."""
-        kept = [(proxy, ins) for proxy, ins in instructions if proxy.node_id not in self.excluded]
+        """The sites sampled for a round (only eligible ones); stop the run if too few."""
+        kept = [(proxy, ins) for proxy, ins in instructions if self.roster.eligible(proxy.node_id)]
         self.sampled = {proxy.node_id for proxy, _ in kept}
-        needed = 1
-        if self.run.secagg:
-            # A two-site federation (fractional shares) runs SecAgg+ with both; a larger one was
-            # set up with integer shares, which Flower only accepts above 2 sites.
-            needed = 2 if isinstance(self.run.secagg.num_shares, float) else 3
+        needed = self.roster.min_sites
         if len(kept) < needed:
-            raise StopRun(f"round {self.absolute(server_round)}: only {len(kept)} site(s) can still train, "
-                          f"{needed} needed{' for SecAgg+' if self.run.secagg else ''}; ending the run")
+            raise StopRun(f"round {self.absolute(server_round)}: only {len(kept)} site(s) can train, {needed} "
+                          f"needed{' for SecAgg+' if self.run.secagg else ''}; stopping the run", failed=True)
         return kept
 
-    def _exclude_missing(self, server_round: int, results) -> None:
-        answered = {proxy.node_id for proxy, _ in results}
+    def _count_failures(self, server_round: int, answered: set) -> None:
+        """Sampled sites that sent no update: a budget refusal leaves a site out for the rest of the
+        run, other failures only after max_consecutive_failures rounds in a row."""
+        rnd = self.absolute(server_round)
         for node in sorted(self.sampled - answered):
+            error = self.grid.errors.get(node, "")
+            if node not in self.node_site and refusing_site(error):
+                self.node_site[node] = refusing_site(error)
             site = self.node_site.get(node, f"node {node}")
-            log.warning("round %d: %s sent no update (it refused: privacy budget, or failed); leaving it "
-                        "out of later rounds", self.absolute(server_round), site)
-            self.excluded.add(node)
-            self.refused[node] = self.absolute(server_round)
+            verdict = self.roster.health.failed(node, error)
+            if verdict == "refused":
+                self.refused[node] = rnd
+                log.warning("round %d: %s %s; left out of later rounds", rnd, site, refusal_kind(error))
+            elif verdict == "excluded":
+                log.warning("round %d: %s sent no update, %s; left out of later rounds", rnd, site,
+                            self.roster.health.excluded[node])
+            else:
+                log.warning("round %d: %s sent no update (failed or too slow); it is asked again next round",
+                            rnd, site)
+        for node in answered & self.sampled:
+            self.roster.health.succeeded(node)
 
     def on_fit(self, server_round: int, results, failures) -> None:
         self.current["failures"] = len(failures)
@@ -208,30 +291,35 @@ class RunRecorder:
             # Sites send only a generic reason ("site-2: data error"); the details stay at the site.
             self.current["failure_reasons"] = reasons
             log.warning("round %d: %s", self.absolute(server_round), "; ".join(reasons))
-        self._exclude_missing(server_round, results)
+        self.current["aggregated"] = True
+        self._count_failures(server_round, {proxy.node_id for proxy, _ in results})
         for proxy, res in results:
-            report = SiteReport.from_record(res.metrics)
-            self.node_site[proxy.node_id] = report.site
-            epsilon = epsilon_record(report.epsilon, report.accountant)
+            self._record_site(proxy.node_id, res, trained=True)
+
+    def _record_site(self, node: int, res, trained: bool) -> None:
+        report = SiteReport.from_record(res.metrics)
+        self.node_site[node] = report.site
+        epsilon = epsilon_record(report.epsilon, report.accountant)
+        if trained:
             site_record = {"examples": res.num_examples, "epsilon": epsilon}
             if report.train_loss is not None:  # only sites that opt in send their un-noised loss
                 site_record["train_loss"] = report.train_loss
             self.current["sites"][report.site] = site_record
-            self.privacy[report.site] = {
-                "epsilon": epsilon, "epsilon_total": epsilon_record(report.epsilon_total, report.accountant),
-                "delta": report.delta, "noise_multiplier": report.noise_multiplier,
-                "max_grad_norm": report.max_grad_norm, "steps": report.steps, "sample_rate": report.sample_rate,
-                "accountant": report.accountant, "target_epsilon": self.cfg.privacy.target_epsilon,
-            }
-            if report.rows_per_unit:
-                self.privacy[report.site].update({
-                    "rows_per_unit": report.rows_per_unit,
-                    "epsilon_unit": epsilon_record(report.epsilon_unit, report.accountant),
-                    "delta_unit": epsilon_record(report.delta_unit),
-                })
-            if report.clipped_values:
-                log.warning("%s: %d adapter values outside the SecAgg+ clipping range were clipped; raise "
-                            "federation.secagg_clipping_range", report.site, report.clipped_values)
+        self.privacy[report.site] = {
+            "epsilon": epsilon, "epsilon_total": epsilon_record(report.epsilon_total, report.accountant),
+            "delta": report.delta, "noise_multiplier": report.noise_multiplier,
+            "max_grad_norm": report.max_grad_norm, "steps": report.steps, "sample_rate": report.sample_rate,
+            "accountant": report.accountant, "target_epsilon": self.cfg.privacy.target_epsilon,
+        }
+        if report.rows_per_unit:
+            self.privacy[report.site].update({
+                "rows_per_unit": report.rows_per_unit,
+                "epsilon_unit": epsilon_record(report.epsilon_unit, report.accountant),
+                "delta_unit": epsilon_record(report.delta_unit),
+            })
+        if trained and report.clipped_values:
+            log.warning("%s: %d adapter values outside the SecAgg+ clipping range were clipped; raise "
+                        "federation.secagg_clipping_range", report.site, report.clipped_values)
 
     def on_federated(self, server_round: int, results) -> None:
         declined = sorted(str(res.metrics.get("fedtune.site", "?")) for _, res in results
@@ -257,8 +345,12 @@ class RunRecorder:
     def end_round(self, server_round: int) -> None:
         rnd = self.absolute(server_round)
         down, up = self.grid.take()
+        failed = self.current.get("failed")
+        if not failed and not self.current.get("aggregated"):
+            failed = "no aggregate (no site sent an update)"
         record = {
             "round": rnd,
+            "failed": failed,
             "central": self.current.get("central"),
             "federated": self.current.get("federated"),
             "sites": self.current.get("sites", {}),
@@ -266,15 +358,18 @@ class RunRecorder:
             "bytes_up": {self.node_site.get(n, str(n)): b for n, b in sorted(up.items())},
             "bytes_down": {self.node_site.get(n, str(n)): b for n, b in sorted(down.items())},
             "seconds": round(time.perf_counter() - self.round_started, 3),
+            "secagg_max_weight": self.run.secagg.max_weight if self.run.secagg else None,
         }
         self._write_record(record)
-        self._log_round(rnd, record["central"], record["sites"])
-        improved = self._track_best(rnd, record["central"])
+        self._log_round(rnd, record["central"], record["sites"], failed)
+        improved = not failed and self._track_best(rnd, record["central"])
+        if failed:
+            self.failed_rounds += 1
         atomic_write_json(self.run.out_dir / "privacy.json", self.privacy_json())
         save_checkpoint(self.run.out_dir / "checkpoints", rnd, self.run.evaluator.named(self.latest_arrays), {
             "run_id": self.run.run_id, "best_round": self.best_round, "best_value": self.best_value,
             "stale": self.stale, "privacy": self.privacy,
-        })
+        }, optimizer_state(self.strategy) if self.strategy is not None else None)
         if improved:
             self.run.evaluator.export(self.latest_arrays, self.run.out_dir / "best" / "adapter")
         patience = self.cfg.federation.early_stopping_patience
@@ -306,12 +401,13 @@ class RunRecorder:
 
     def _write_record(self, record: dict) -> None:
         record["target_epsilon"] = self.cfg.privacy.target_epsilon if self.cfg.privacy.enabled else None
-        path = self.run.out_dir / "metrics.jsonl"
-        with path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
-            fh.flush()
+        append_line(self.run.out_dir / "metrics.jsonl", json.dumps(record))
 
-    def _log_round(self, rnd: int, central: Optional[dict], sites: Optional[dict] = None) -> None:
+    def _log_round(self, rnd: int, central: Optional[dict], sites: Optional[dict] = None,
+                   failed: Optional[str] = None) -> None:
+        if failed:
+            log.error("round %d/%d: FAILED (%s); model unchanged", rnd, self.cfg.federation.rounds, failed)
+            return
         central = central or {}
         parts = [f"{k} {v:.4f}" for k, v in central.items() if isinstance(v, float)]
         eps = worst_epsilon([s.get("epsilon") for s in (sites or {}).values()])
@@ -322,7 +418,9 @@ class RunRecorder:
     def privacy_json(self) -> dict:
         return {"sites": self.privacy, "target_epsilon": self.cfg.privacy.target_epsilon,
                 "delta": self.cfg.privacy.target_delta, "enabled": self.cfg.privacy.enabled,
-                "secure_aggregation": self.run.secagg is not None, "refused": {self.node_site.get(n, f"node {n}"): r for n, r in self.refused.items()}}
+                "secure_aggregation": self.run.secagg is not None, "refused": {self.node_site.get(n, f"node {n}"): r for n, r in self.refused.items()},
+                "left_out": {self.node_site.get(n, f"node {n}"): why
+                             for n, why in self.roster.health.excluded.items()}}
 
 
 def _failure_reasons(failures) -> list[str]:
@@ -340,10 +438,8 @@ def _truncate_metrics(path: Path, last_round: int) -> None:
     """On resume, drop records of rounds after the checkpoint (a crash may have left one)."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["round"] <= last_round]
-    from fedtune.io_utils import atomic_write_text
-
-    atomic_write_text(path, "".join(line + "\n" for line in keep))
+    keep = [r for r in read_jsonl(path) if r["round"] <= last_round]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def execute_run(grid, context, run: PreparedRun, stop_after_round: Optional[int] = None) -> str:
@@ -354,23 +450,47 @@ def execute_run(grid, context, run: PreparedRun, stop_after_round: Optional[int]
     else:
         _truncate_metrics(run.out_dir / "metrics.jsonl", run.offset)
     save_config(run.cfg, run.out_dir / "config.toml")
-    metered = MeteredGrid(grid)
+    fed = run.cfg.federation
+    metered = MeteredGrid(grid, default_timeout=fed.train_timeout)
     recorder = RunRecorder(run, metered, stop_after_round)
-    remaining = run.cfg.federation.rounds - run.offset
+    remaining = fed.rounds - run.offset
     ended = "completed"
     if remaining > 0:
-        strategy = make_strategy(run.cfg, run.initial, recorder)
-        ctx = LegacyContext(context=context, config=ServerConfig(num_rounds=remaining), strategy=strategy)
-        fit_workflow = SecAggPlusWorkflow(**run.secagg.model_dump(), timeout=None) if run.secagg else None
+        strategy = recorder.strategy = make_strategy(run.cfg, run.initial, recorder)
+        manager = EligibleClientManager(recorder.roster.eligible, fed.join_timeout)
+        recorder.roster.client_manager = manager
+        ctx = LegacyContext(context=context, config=ServerConfig(num_rounds=remaining), strategy=strategy,
+                            client_manager=manager)
+        fit_workflow = None
+        if run.secagg:
+            settings = run.secagg.model_dump()
+            settings["max_weight"] = settings["max_weight"] or 1.0  # deployed: set by the pre-flight
+            fit_workflow = ResilientSecAggPlusWorkflow(
+                **settings, stage_timeout=fed.stage_timeout, train_timeout=fed.train_timeout,
+                on_halt=lambda reason, state: recorder.round_failed(
+                    _current_round(ctx), reason, set(state.active_node_ids), list(state.legacy_results)))
+            recorder.fit_workflow = fit_workflow
+
+        def evaluate_and_record(grid_, context_):
+            default_evaluate_workflow(grid_, context_)
+            recorder.end_round(_current_round(context_))
+
         try:
-            DefaultWorkflow(fit_workflow=fit_workflow)(metered, ctx)
+            DefaultWorkflow(fit_workflow=fit_workflow, evaluate_workflow=evaluate_and_record)(metered, ctx)
         except StopRun as stop:
             log.info("%s", stop)
             if stop.interrupted:
                 return "interrupted"
-            ended = f"ended early: {stop}"
+            ended = f"{'stopped' if stop.failed else 'ended early'}: {stop}"
+    if ended == "completed" and recorder.failed_rounds:
+        ended = (f"stopped: no round aggregated ({recorder.failed_rounds} failed)"
+                 if recorder.failed_rounds >= remaining else f"completed, {recorder.failed_rounds} round(s) failed")
     _finalize(run, recorder)
     return ended
+
+
+def _current_round(context) -> int:
+    return int(context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
 
 
 def _finalize(run: PreparedRun, recorder: RunRecorder) -> None:
@@ -394,6 +514,6 @@ def _finalize(run: PreparedRun, recorder: RunRecorder) -> None:
 
 
 def read_records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return read_jsonl(path)
 
 

@@ -16,10 +16,14 @@ def message_bytes(msg) -> int:
 class MeteredGrid:
     """Wraps Flower's Grid; counts the serialised size of every message per node."""
 
-    def __init__(self, grid):
+    def __init__(self, grid, default_timeout: float | None = None):
         self._grid = grid
         self.bytes_down: dict[int, int] = defaultdict(int)
         self.bytes_up: dict[int, int] = defaultdict(int)
+        # A deadline for every exchange (Flower's evaluate workflow sets none), and each node's
+        # last error reply (why it failed: a budget refusal is final, other errors are not).
+        self.default_timeout = default_timeout
+        self.errors: dict[int, str] = {}
 
     def __getattr__(self, name):
         return getattr(self._grid, name)
@@ -28,9 +32,13 @@ class MeteredGrid:
         messages = list(messages)
         for m in messages:
             self.bytes_down[m.metadata.dst_node_id] += message_bytes(m)
+        if kwargs.get("timeout") is None:
+            kwargs["timeout"] = self.default_timeout
         replies = list(self._grid.send_and_receive(messages, *args, **kwargs))
         for r in replies:
             self.bytes_up[r.metadata.src_node_id] += message_bytes(r)
+            if r.has_error():
+                self.errors[r.metadata.src_node_id] = str(r.error.reason)
         return replies
 
     def take(self) -> tuple[dict[int, int], dict[int, int]]:

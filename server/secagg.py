@@ -10,12 +10,20 @@ import numpy as np
 from pydantic import BaseModel
 
 from fedtune.config import FederationConfig
+from fedtune.federation.preflight import weight_bucket  # what sites declare of their size
 
 log = logging.getLogger("fedtune.server")
 
 
 class SecAggSettingsError(ValueError):
     pass
+
+
+def quantisation_error(settings: "SecAggSettings", examples: int) -> float:
+    """The largest error SecAgg+'s quantisation adds to each value of a site with ``examples``
+    rows: the site sends (examples / max_weight) * value in steps of 2 * clipping / levels, so
+    its value itself is known to 2 * clipping * max_weight / (levels * examples)."""
+    return 2 * settings.clipping_range * settings.max_weight / (settings.quantization_range * max(1, examples))
 
 
 class SecAggSettings(BaseModel):
@@ -49,15 +57,17 @@ def secagg_settings(fed: FederationConfig, adapter: list[np.ndarray], max_site_e
         shares, threshold = 1.0, 1.0
     else:
         shares = fed.secagg_num_shares or n
-        threshold = fed.secagg_reconstruction_threshold or max(2, math.ceil(2 * shares / 3))
-        if threshold >= shares:
-            threshold = shares - 1
+        threshold = fed.secagg_reconstruction_threshold
+        if not threshold:  # derived: two thirds of the shares, below the share count
+            threshold = min(max(2, math.ceil(2 * shares / 3)), shares - 1)
     if isinstance(shares, int) and (not 2 < shares <= n or not 2 <= threshold < shares):
         raise SecAggSettingsError(
             f"federation.secagg_num_shares = {shares} / secagg_reconstruction_threshold = {threshold}: "
             f"need 2 < shares <= sites per round ({n}) and 2 <= threshold < shares"
         )
-    max_weight = fed.secagg_max_weight or float(max(1000, 2 * (max_site_examples or 0)))
+    # Known site sizes (simulation): the power-of-two bucket of the largest. A deployed
+    # coordinator knows none: the sites declare their buckets in the pre-flight (set_max_weight).
+    max_weight = fed.secagg_max_weight or (float(weight_bucket(max_site_examples)) if max_site_examples else 0.0)
     if max_site_examples is not None and max_site_examples > max_weight:
         raise SecAggSettingsError(
             f"federation.secagg_max_weight = {max_weight} is below a site's example count ({max_site_examples}): "

@@ -11,7 +11,6 @@ from flwr.server.strategy import FedAdam, FedAvg, FedProx
 
 from fedtune.config import FedTuneConfig
 
-from .secagg import sites_per_round
 
 STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}
 
@@ -23,13 +22,15 @@ def make_strategy(cfg: FedTuneConfig, initial: list[np.ndarray], recorder):
     class RecordingStrategy(base):
         def configure_fit(self, server_round, parameters, client_manager):
             recorder.start_round(server_round)
+            recorder.admit(server_round)  # pre-flight for new sites; stops the run if too few are left
             # Which sites train is drawn from a seeded generator: same seeds, same run.
             random.seed(cfg.train.seed * 7_919 + recorder.absolute(server_round))
             return recorder.select(server_round, super().configure_fit(server_round, parameters, client_manager))
 
         def aggregate_fit(self, server_round, results, failures):
             recorder.on_fit(server_round, results, failures)
-            parameters, metrics = super().aggregate_fit(server_round, results, failures)
+            # The absolute round: FedAdam's bias correction continues across a resume.
+            parameters, metrics = super().aggregate_fit(recorder.absolute(server_round), results, failures)
             if parameters is not None:
                 # SecAgg+ returns float64; keep the global adapter (and the download) in fp32.
                 parameters = ndarrays_to_parameters(
@@ -43,16 +44,18 @@ def make_strategy(cfg: FedTuneConfig, initial: list[np.ndarray], recorder):
             out = super().aggregate_evaluate(server_round, [(p, r) for p, r in results if r.num_examples > 0],
                                              failures)
             recorder.on_federated(server_round, results)
-            recorder.end_round(server_round)
             return out
 
-    n = sites_per_round(fed)
+    # A round runs with the sites that are there (at least the roster's min_sites, checked before
+    # sampling); Flower's own minimums would wait a day for a site that is gone.
     kwargs = dict(
         fraction_fit=fed.fraction_train,
         fraction_evaluate=fed.fraction_evaluate,
-        min_fit_clients=n,
-        min_evaluate_clients=max(1, int(fed.fraction_evaluate * fed.sites)),
-        min_available_clients=fed.sites,
+        # Flower passes min_available_clients to every sample() as the minimum, evaluation's too:
+        # the roster (before sampling) and select() (after) enforce min_sites for training instead.
+        min_fit_clients=1,
+        min_evaluate_clients=1,
+        min_available_clients=1,
         evaluate_fn=recorder.central_evaluate,
         on_fit_config_fn=recorder.fit_config,
         on_evaluate_config_fn=recorder.evaluate_config,
@@ -63,4 +66,16 @@ def make_strategy(cfg: FedTuneConfig, initial: list[np.ndarray], recorder):
         kwargs["proximal_mu"] = fed.proximal_mu
     if fed.strategy == "fedadam":
         kwargs.update(eta=fed.server_learning_rate, eta_l=cfg.train.learning_rate, tau=1e-3)
-    return RecordingStrategy(**kwargs)
+    strategy = RecordingStrategy(**kwargs)
+    if fed.strategy == "fedadam" and recorder.run.optimizer:
+        # Resume: FedAdam's moments and its full-precision weights, as checkpointed.
+        strategy.m_t, strategy.v_t = recorder.run.optimizer["m_t"], recorder.run.optimizer["v_t"]
+        strategy.current_weights = recorder.run.optimizer["current_weights"]
+    return strategy
+
+
+def optimizer_state(strategy) -> dict:
+    """What a resumed run needs of the server optimiser (FedAdam); {} for FedAvg and FedProx."""
+    if getattr(strategy, "m_t", None) and getattr(strategy, "v_t", None):
+        return {"m_t": strategy.m_t, "v_t": strategy.v_t, "current_weights": strategy.current_weights}
+    return {}

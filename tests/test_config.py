@@ -1,4 +1,5 @@
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -11,11 +12,50 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_defaults_are_the_bundled_demo():
+def test_defaults_use_the_bundled_model_and_no_data_unless_asked():
     cfg = load_config(None)
     assert cfg.model.name == BUNDLED_MODEL
-    assert cfg.data.builtin == "demo" and cfg.data.train is None
+    # The demo only when asked for: a coordinator's or a files-partition config has no data.train.
+    assert cfg.data.builtin is None and cfg.data.train is None
     assert cfg.privacy.enabled and cfg.privacy.accountant == "prv"
+    assert load_config(None, ["data.builtin=demo"]).data.builtin == "demo"
+
+
+def test_the_cli_without_a_config_runs_the_demo_explicitly():
+    from fedtune.cli import _load
+
+    bare = SimpleNamespace(config=None, overrides=[])
+    assert _load(bare).data.builtin == "demo"
+    files = SimpleNamespace(config=None, overrides=["federation.partition=files", 'federation.site_files=["a.csv"]',
+                                                    'data.eval="e.csv"'])
+    assert _load(files).data.builtin is None
+
+
+def test_files_partition_sites_follow_the_files_and_columns_are_kept(tmp_path):
+    path = write(tmp_path, """
+[data]
+eval = "eval.csv"
+text_column = "review"
+label_column = "sentiment"
+[federation]
+partition = "files"
+site_files = ["a.csv", "b.csv", "c.csv", "d.csv"]
+""")
+    cfg = load_config(path)
+    assert cfg.federation.sites == 4 and cfg.data.builtin is None
+    assert (cfg.data.text_column, cfg.data.label_column) == ("review", "sentiment")
+    with pytest.raises(ConfigError, match="one file per site: 4 site_files for sites = 3"):
+        load_config(path, ["federation.sites=3"])
+    with pytest.raises(ConfigError, match="remove data.builtin"):
+        load_config(path, ["data.builtin=demo"])
+
+
+def test_no_training_data_is_a_clear_error():
+    from fedtune.data import DataError
+    from fedtune.data.site import load_rows
+
+    with pytest.raises(DataError, match="no training data: set data.train"):
+        load_rows(load_config(None).data, "sequence-classification", 0)
 
 
 def test_file_and_overrides(tmp_path):

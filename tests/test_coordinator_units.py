@@ -31,7 +31,8 @@ def test_secagg_defaults_follow_the_number_of_sites():
 
 def test_secagg_quantization_overflow_is_refused():
     with pytest.raises(SecAggSettingsError, match="overflows"):
-        secagg_settings(_fed("federation.sites=4", "federation.secagg_quantization_range=1073741824"),
+        secagg_settings(_fed("federation.sites=4", "federation.secagg_quantization_range=1073741824",
+                             "federation.secagg_modulus_range=4294967296"),
                         [np.zeros(3, np.float32)], 10)
 
 
@@ -55,13 +56,14 @@ class _FakeEvaluator:
 def _recorder(tmp_path, *sets):
     cfg = load_config(None, ["federation.rounds=10", *sets])
     run = PreparedRun(cfg, tmp_path, _FakeEvaluator(), [np.zeros(2, np.float32)], "run1", 0, {}, None, True)
-    grid = SimpleNamespace(take=lambda: ({}, {}))
+    grid = SimpleNamespace(take=lambda: ({}, {}), errors={})
     return RunRecorder(run, grid)
 
 
 def _round(rec, rnd, accuracy):
     rec.start_round(rnd)
     rec.current["central"] = {"accuracy": accuracy, "loss": 1.0}
+    rec.current["aggregated"] = True  # as on_fit does when SecAgg+ delivered an aggregate
     rec.end_round(rnd)
 
 

@@ -24,13 +24,14 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory, tiny_models):
     """Certificates for 127.0.0.1 with two registered sites and one unregistered key, two site
-    data files, the coordinator's evaluation file and a 2-round DP run config."""
+    data files (site-b: 5,000 training rows, above Flower's default SecAgg+ max_weight of 1000),
+    the coordinator's evaluation file and a 2-round DP run config."""
     root = tmp_path_factory.mktemp("deploy")
     certs = init_certs(root / "certs", ["localhost", "127.0.0.1"], ["site-a", "site-b"])
     rogue = root / "rogue"
     create_site_key(CertPaths(rogue), "rogue")  # kept out of certs/sites: never registered
-    data = {s: tiny.write_csv(tiny.separable_rows(60, seed=10 + i), root / f"{s}.csv")
-            for i, s in enumerate(["site-a", "site-b"])}
+    data = {s: tiny.write_csv(tiny.separable_rows(n, seed=10 + i), root / f"{s}.csv")
+            for i, (s, n) in enumerate([("site-a", 60), ("site-b", 6250)])}
     held = tiny.write_csv(tiny.separable_rows(60, seed=99), root / "eval.csv")
     config = root / "run.toml"
     config.write_text(f"""
@@ -43,7 +44,8 @@ dropout = 0.0
 [data]
 eval = "{held}"
 [train]
-batch_size = 16
+batch_size = 32
+physical_batch_size = 32
 epochs = 1
 [privacy]
 target_epsilon = 8.0
@@ -126,6 +128,9 @@ def test_two_sites_run_a_dp_secagg_federation_over_tls(federation, procs, tmp_pa
     assert [r["round"] for r in records] == [0, 1, 2]
     for r in records[1:]:
         assert set(r["bytes_up"]) == {"site-a", "site-b"} and all(v > 0 for v in r["bytes_up"].values())
+        assert not r["failed"]
+        assert r["sites"]["site-b"]["examples"] == 5000  # trained every round
+        assert r["secagg_max_weight"] == 8192  # the bucket site-b declared in the pre-flight
     privacy = json.loads((out / "privacy.json").read_text())
     assert set(privacy["sites"]) == {"site-a", "site-b"}
     for site in privacy["sites"].values():
@@ -251,3 +256,80 @@ def test_the_proxy_rule_passes_the_fleet_api_and_refuses_the_control_api(federat
         assert site.poll() is None and time.monotonic() < deadline, procs.log(site)[-3000:]
         time.sleep(1)
     assert '"POST /v1/fleet/activate-node HTTP/1.1" 200' in (tmp_path / "access.log").read_text()
+
+
+def test_a_site_killed_while_training_stays_dead_and_the_rounds_complete(tiny_models, procs, tmp_path):
+    """Chaos: 3 deployed sites (SecAgg+ threshold 2); site-c is SIGKILLed with every process it
+    started while it trains in round 1 and never comes back. Round 1 and round 2 complete from
+    the other two within the deadlines, and site-c's ledger is intact."""
+    import os
+    import signal
+
+    import psutil
+
+    from fedtune.privacy.ledger import PrivacyLedger
+
+    certs = init_certs(tmp_path / "certs", ["localhost", "127.0.0.1"], ["site-a", "site-b", "site-c"])
+    sizes = {"site-a": 60, "site-b": 60, "site-c": 6250}  # site-c trains long enough to be caught at it
+    data = {s: tiny.write_csv(tiny.separable_rows(n, seed=20 + i), tmp_path / f"{s}.csv")
+            for i, (s, n) in enumerate(sizes.items())}
+    held = tiny.write_csv(tiny.separable_rows(60, seed=99), tmp_path / "eval.csv")
+    config = tmp_path / "run.toml"
+    config.write_text(f"""
+[model]
+name = "{tiny_models['bert']}"
+max_length = 24
+[lora]
+r = 4
+dropout = 0.0
+[data]
+eval = "{held}"
+[train]
+batch_size = 16
+epochs = 1
+[privacy]
+target_epsilon = 8.0
+[federation]
+sites = 3
+rounds = 2
+stage_timeout = 40.0
+train_timeout = 120.0
+join_timeout = 60.0
+""")
+    port, out = free_port(), tmp_path / "run"
+    server = procs.start("server", fedtune_cmd("server", "--certs", certs.root, "--port", port, "--state-dir",
+                                               tmp_path / "coordinator", "--config", config, "--out", out))
+    _wait_for(procs, server, "site site-c: registered", 60)
+    agents = {}
+    for site in sizes:
+        agents[site] = procs.start(site, fedtune_cmd(
+            "client", "--superlink", f"127.0.0.1:{port}", "--ca", certs.ca_cert, "--key", certs.site_key(site),
+            "--data", data[site], "--state-dir", tmp_path / "state" / site, "--runtime-port", free_port()))
+    # The third train message of round 1 (setup, key sharing, then training): site-c is training.
+    deadline = time.monotonic() + 400
+    while procs.log(agents["site-c"]).count("Receiving: train message") < 3:
+        assert time.monotonic() < deadline and server.poll() is None, procs.log(server)[-3000:]
+        time.sleep(0.5)
+    time.sleep(6)  # its ClientApp process has started and is loading or training
+    victim = psutil.Process(agents["site-c"].pid)
+    family = [victim, *victim.children(recursive=True)]
+    for p in family:
+        try:
+            os.kill(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    killed_at = time.monotonic()
+    assert procs.wait(server, 600) == 0, procs.log(server)[-5000:]
+    print(f"\nchaos: site-c killed in round 1; the run ended {time.monotonic() - killed_at:.0f} s later")
+
+    assert json.loads((out / "run.json").read_text())["ended"] == "completed"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [0, 1, 2]
+    for r in records[1:]:
+        assert not r["failed"], r["failed"]
+        assert set(r["sites"]) == {"site-a", "site-b"}
+    for site in ("site-a", "site-b"):
+        ledger = PrivacyLedger(tmp_path / "state" / site / "privacy-ledger.jsonl")
+        assert [e.round for e in ledger.entries()] == [1, 2]
+    # Killed mid-round: whatever it recorded is intact (entries() verifies the hash chain).
+    assert [e.round for e in PrivacyLedger(tmp_path / "state" / "site-c" / "privacy-ledger.jsonl").entries()] in ([], [1])

@@ -95,11 +95,13 @@ def test_a_site_at_its_limit_refuses_and_the_run_goes_on(tiny_models, four_sites
 def test_too_few_sites_left_ends_the_run_cleanly(tiny_models, four_sites, tmp_path):
     files, held = four_sites
     state = tmp_path / "state"
+    # SecAgg+ over 3 sites unmasks with 2 (its threshold); this run asks for all 3 every round
     cfg = _cfg(tiny_models["bert"], files[:3], held, state,
-               ['federation.site_privacy={"site-2"={lifetime_epsilon=0.05, max_noise_multiplier=5.0}}'])
+               ['federation.site_privacy={"site-2"={lifetime_epsilon=0.05, max_noise_multiplier=5.0}}',
+                "federation.min_sites=3"])
     out = tmp_path / "run"
     ended = simulate(cfg, out, cpus=2)
-    assert ended.startswith("ended early") and "SecAgg+" in ended
+    assert ended.startswith("stopped") and "SecAgg+" in ended and "3 needed" in ended
     assert (out / "final" / "adapter" / "adapter_config.json").is_file()
     assert _ledger(state, "site-2").entries() == []
 

@@ -193,7 +193,7 @@ def test_coordinator_copes_with_declined_evaluations():
     from fedtune.server.coordinator import RunRecorder
 
     recorder = RunRecorder.__new__(RunRecorder)
-    recorder.current, recorder.node_site = {}, {}
+    recorder.current, recorder.roster = {}, NS(node_site={})
     results = [
         (NS(node_id=1), NS(num_examples=10, loss=0.5, metrics={"fedtune.site": "a", "fedtune.accuracy": 0.8})),
         (NS(node_id=2), NS(num_examples=0, loss=0.0, metrics={"fedtune.site": "b", "fedtune.declined": True})),

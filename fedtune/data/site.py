@@ -38,6 +38,9 @@ def load_rows(cfg: DataConfig, task: str, seed: int) -> tuple[pd.DataFrame, Opti
     """Raw train rows, eval rows (None: hold out from train) and their source names."""
     if cfg.builtin == "demo":
         return pd.DataFrame(generate_demo_rows(cfg.builtin_rows, seed), dtype=str), None, "demo", "demo"
+    if cfg.train is None:
+        raise DataError('no training data: set data.train to a file (or data.builtin = "demo" for the '
+                        'generated demo; with federation.partition = "files", each site has its own file)')
     train = read_table(cfg.train, cfg.format)
     if cfg.eval is None:
         return train, None, str(cfg.train), str(cfg.train)

@@ -47,6 +47,8 @@ def add_deployment_commands(sub) -> None:
     p.add_argument("--config", type=Path, default=None, help="a fedtune run config to run once the sites connect")
     p.add_argument("--out", type=Path, default=None, help="the run directory (with --config)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a run config key (with --resume: the saved config's rounds, deadlines, site policy)")
     p.add_argument("--keep-running", action="store_true", help="keep serving after the --config run ends")
     p.add_argument("--insecure", action="store_true", help="no TLS, no site authentication (local trials only)")
     p.set_defaults(func=_cmd_server)
@@ -55,6 +57,7 @@ def add_deployment_commands(sub) -> None:
     p.add_argument("--config", type=Path, required=True, help="the fedtune run config (read on the coordinator)")
     p.add_argument("--out", type=Path, required=True, help="the run directory on the coordinator")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--connection", default="fedtune")
     p.add_argument("--state-dir", type=Path, default=Path.home() / ".fedtune" / "coordinator")
     p.set_defaults(func=_cmd_submit)
@@ -156,13 +159,14 @@ def _cmd_server(args) -> int:
     return serve(ServerOptions(
         certs=args.certs, site_keys=args.site_keys, host=args.host, port=args.port, state_dir=args.state_dir,
         connection=args.connection, insecure=args.insecure, config=args.config, out=args.out, resume=args.resume, keep_running=args.keep_running,
+        overrides=args.overrides,
     ))
 
 
 def _cmd_submit(args) -> int:
     from fedtune.deployment.coordinator import submit
 
-    return submit(args.config, args.out, args.connection, args.state_dir, args.resume)
+    return submit(args.config, args.out, args.connection, args.state_dir, args.resume, overrides=args.overrides)
 
 
 def _cmd_client(args) -> int:

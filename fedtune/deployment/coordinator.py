@@ -40,6 +40,7 @@ class ServerOptions:
     resume: bool = False
     keep_running: bool = False
     startup_timeout: float = 60.0
+    overrides: list = None             # --set KEY=VALUE for the run (with resume: RESUMABLE keys only)
 
 
 def _local_address(opts: ServerOptions) -> str:
@@ -60,7 +61,7 @@ def serve(opts: ServerOptions) -> int:
     if opts.config is not None:  # a bad run config fails now, not after the sites have connected
         if opts.out is None:
             raise DeploymentError("--config needs --out (the run directory on this machine)")
-        check_run_config(opts.config)
+        check_run_config(opts.config, opts.overrides, opts.out if opts.resume else None)
     log_path = state / "superlink.log"
     with processes.terminate_on_signals(), open(log_path, "ab") as superlink_log:
         # With a run to watch, the run's stream is the terminal output; the SuperLink logs to a file.
@@ -80,7 +81,7 @@ def serve(opts: ServerOptions) -> int:
                 print("fedtune server: waiting for runs (`fedtune submit` or `flwr run`); Ctrl-C stops", flush=True)
                 return superlink.wait()
             print(f"fedtune server: SuperLink log: {log_path}", flush=True)
-            rc = submit(opts.config, opts.out, opts.connection, state, opts.resume, env)
+            rc = submit(opts.config, opts.out, opts.connection, state, opts.resume, env, opts.overrides)
             if opts.keep_running:
                 print("fedtune server: run finished; still serving (Ctrl-C stops)", flush=True)
                 superlink.wait()
@@ -92,11 +93,17 @@ def serve(opts: ServerOptions) -> int:
             processes.stop(superlink)
 
 
-def check_run_config(path: Path) -> None:
+def check_run_config(path: Path, overrides: Optional[list] = None, resume_dir: Optional[Path] = None) -> None:
     """What the ServerApp will need, checked before any site is kept waiting."""
     from fedtune.config import load_config
 
-    cfg = load_config(path)  # raises a ConfigError naming the file and key
+    if resume_dir is not None:  # the saved run's config with the overrides
+        from fedtune.server.coordinator import resumed_config
+
+        cfg = resumed_config(Path(resume_dir), list(overrides or []))
+        path = Path(resume_dir) / "config.toml"
+    else:
+        cfg = load_config(path, list(overrides or []))  # raises a ConfigError naming the file and key
     if cfg.data.eval is None or not Path(cfg.data.eval).is_file():
         raise DeploymentError(f"{path}: data.eval = {cfg.data.eval}: the coordinator's own evaluation file "
                               "is missing (sites bring their data; the coordinator evaluates on this one)")
@@ -115,14 +122,21 @@ def register_sites(folder: Path, connection: str, env: dict) -> dict[str, str]:
 
 
 def submit(config: Path, out: Path, connection: str, state_dir: Path, resume: bool = False,
-           env: Optional[dict] = None) -> int:
+           env: Optional[dict] = None, overrides: Optional[list] = None) -> int:
     """`flwr run` of fedtune's app with this run config; streams the run's log, then prints
     how it ended and the per-round summary."""
-    check_run_config(config)
+    check_run_config(config, overrides, out if resume else None)
+    overrides_file = None
+    if overrides:  # read by the ServerApp on this machine
+        overrides_file = Path(out).resolve() / "overrides.json"
+        from fedtune.io_utils import atomic_write_json
+
+        atomic_write_json(overrides_file, list(overrides))
     env = env or flower_env()
     app_dir = write_flower_app(Path(state_dir).expanduser() / "app")
     (Path(out) / "run.json").unlink(missing_ok=True)  # so a stale one is never reported
-    result = subprocess.run(submit_command(app_dir, connection, config, out, resume), env=env)
+    result = subprocess.run(submit_command(app_dir, connection, config, out, resume, overrides=overrides_file),
+                            env=env)
     return report(Path(out), result.returncode)
 
 
@@ -137,4 +151,6 @@ def report(out: Path, flwr_rc: int) -> int:
 
     print(f"\nfedtune run -> {out} ({ended})")
     print(format_summary(read_records(out / "metrics.jsonl")))
-    return 0 if ended != "interrupted" else 3
+    if ended == "interrupted":
+        return 3
+    return 4 if ended.startswith("stopped") else 0  # stopped: too few sites, or no round aggregated

@@ -137,22 +137,26 @@ def write_flower_app(folder: Path) -> Path:
         "tool": {"flwr": {"app": {
             "publisher": "fedtune",
             "components": {"serverapp": "fedtune.server.app:app", "clientapp": "fedtune.client.app:app"},
-            "config": {"config": "", "out": "runs/flwr-run", "mode": "deployment", "resume": False},
+            "config": {"config": "", "out": "runs/flwr-run", "mode": "deployment", "resume": False,
+                       "overrides": ""},
         }}},
     }
     (folder / "pyproject.toml").write_text(tomli_w.dumps(manifest))
     return folder
 
 
-def run_config_arg(config: Path, out: Path, resume: bool = False) -> str:
-    """Absolute paths: the ServerApp runs on the coordinator, in another working directory."""
-    return (f'config="{Path(config).resolve()}" out="{Path(out).resolve()}" mode="deployment" '
-            f'resume={"true" if resume else "false"}')
+def run_config_arg(config: Path, out: Path, resume: bool = False, overrides: Optional[Path] = None) -> str:
+    """Absolute paths: the ServerApp runs on the coordinator, in another working directory.
+    ``overrides``: a JSON file with the run's --set KEY=VALUE list."""
+    arg = (f'config="{Path(config).resolve()}" out="{Path(out).resolve()}" mode="deployment" '
+           f'resume={"true" if resume else "false"}')
+    return arg + (f' overrides="{Path(overrides).resolve()}"' if overrides else "")
 
 
 def submit_command(app_dir: Path, connection: str, config: Path, out: Path, resume: bool = False,
-                   stream: bool = True) -> list[str]:
-    cmd = [flower_bin("flwr"), "run", str(app_dir), connection, "--run-config", run_config_arg(config, out, resume)]
+                   stream: bool = True, overrides: Optional[Path] = None) -> list[str]:
+    cmd = [flower_bin("flwr"), "run", str(app_dir), connection, "--run-config",
+           run_config_arg(config, out, resume, overrides)]
     return [*cmd, "--stream"] if stream else cmd
 
 

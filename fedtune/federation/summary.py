@@ -41,7 +41,8 @@ def format_summary(records: list[dict]) -> str:
         central, fed = r.get("central") or {}, r.get("federated") or {}
         # A site without DP, or with noise 0, shows as "undefined (no DP)" / "inf", never "-".
         eps = worst_epsilon([(s or {}).get("epsilon") for s in (r.get("sites") or {}).values()])
-        rows.append([r.get("round"), *[central.get(m) for m in metrics], fed.get(fed_metric),
+        rnd = f"{r.get('round')} FAILED" if r.get("failed") else r.get("round")  # model unchanged that round
+        rows.append([rnd, *[central.get(m) for m in metrics], fed.get(fed_metric),
                      _Eps(eps), _mb(r.get("bytes_up")), _mb(r.get("bytes_down")),
                      r.get("seconds")])
     cells = [header] + [[_fmt(v) for v in row] for row in rows]

@@ -1,0 +1,61 @@
+"""Flower's SecAgg+ workflow with a deadline for every stage, dropout recovery that works when a
+site dies before or while training, and a result that says whether the round aggregated.
+
+Flower 1.42's ``SecAggPlusWorkflow`` has one timeout for all four stages, and its unmasking
+asks for the key shares of every site sampled at setup: a site that dies before it shared its
+keys left no shares anywhere, so one such site halts the round ("Not enough shares to recover
+secret") although the others hold every share needed. Here the protocol continues with the
+sites that shared their keys (the survivors never masked with the dead one), and a site that
+dies during training is unmasked with its neighbours' shares as the protocol intends."""
+
+from __future__ import annotations
+
+from logging import INFO
+from typing import Callable
+
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
+from flwr.supercore import log as flwr_log
+
+
+class ResilientSecAggPlusWorkflow(SecAggPlusWorkflow):
+    """``max_weight`` may be changed between rounds (the coordinator sets it from the sites'
+    pre-flight, in configure_fit, which Flower's setup stage calls before it reads it)."""
+
+    def __init__(self, *, stage_timeout: float, train_timeout: float, on_halt: Callable[[str, WorkflowState], None],
+                 **settings):
+        super().__init__(timeout=stage_timeout, **settings)
+        self.stage_timeout, self.train_timeout = stage_timeout, train_timeout
+        self.on_halt = on_halt
+
+    def share_keys_stage(self, grid, context, state: WorkflowState) -> bool:
+        ok = super().share_keys_stage(grid, context, state)
+        # Only the sites that shared their keys take part from here on: the others hold no
+        # share and no survivor masked its update with them.
+        state.sampled_node_ids = set(state.active_node_ids)
+        return ok
+
+    def unmask_stage(self, grid, context, state: WorkflowState) -> bool:
+        # A site that died while training is unmasked against the survivors only: Flower would
+        # also remove masks with sites that never sent an update (two or more dropouts).
+        for node in state.sampled_node_ids - state.active_node_ids:
+            state.nid_to_neighbours[node] = (state.nid_to_neighbours[node] & state.active_node_ids) | {node}
+        return super().unmask_stage(grid, context, state)
+
+    def __call__(self, grid, context) -> None:
+        state = WorkflowState()
+        stages = [(self.setup_stage, self.stage_timeout, "setup"),
+                  (self.share_keys_stage, self.stage_timeout, "key sharing"),
+                  (self.collect_masked_vectors_stage, self.train_timeout, "training"),
+                  (self.unmask_stage, self.stage_timeout, "unmasking")]
+        flwr_log(INFO, "Secure aggregation commencing.")
+        for step, timeout, name in stages:
+            self.timeout = timeout
+            answered_before = len(state.active_node_ids)
+            if not step(grid, context, state):
+                sampled = answered_before if name != "setup" else len(state.nid_to_proxies)
+                self.on_halt(f"SecAgg+ stopped at the {name} stage: {len(state.active_node_ids)} of {sampled} "
+                             f"site(s) answered within {timeout:g} s, threshold {state.threshold}", state)
+                flwr_log(INFO, "Secure aggregation halted.")
+                return
+        flwr_log(INFO, "Secure aggregation completed.")

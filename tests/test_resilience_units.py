@@ -1,0 +1,241 @@
+"""Who takes part in a round, the pre-flight and failed rounds, without a federation."""
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from fedtune import __version__, tiny
+from fedtune.client.settings import SiteSettings
+from fedtune.config import load_config
+from fedtune.federation.preflight import PreflightRequest, check_site
+from fedtune.server.client_manager import EligibleClientManager
+from fedtune.server.coordinator import PreparedRun, RunRecorder, StopRun
+from fedtune.server.health import SiteHealth
+from fedtune.server.roster import SiteRoster, TooFewSites
+
+
+# -- exclusion policy ---------------------------------------------------------------------------
+
+def test_a_site_that_fails_once_is_back_next_round():
+    health = SiteHealth(max_consecutive_failures=2)
+    assert health.failed(7, "connection reset") == "failed"
+    assert health.eligible(7)
+    health.succeeded(7)
+    assert health.failed(7) == "failed" and health.eligible(7)  # the count restarted
+    assert health.failed(7) == "excluded" and not health.eligible(7)
+    assert "2 rounds in a row" in health.excluded[7]
+
+
+def test_a_refusal_is_final():
+    health = SiteHealth(max_consecutive_failures=5)
+    assert health.failed(3, "hospital-a: refused (privacy budget)") == "refused"
+    assert not health.eligible(3) and health.excluded[3] == "refused (privacy budget)"
+    assert health.failed(4, "hospital-b: refused (site policy)") == "refused"
+    assert not health.eligible(4)
+    assert health.failed(5, "hospital-c: internal error") == "failed" and health.eligible(5)
+
+
+def test_the_coordinator_reads_the_refusal_from_the_generic_reply():
+    import time
+
+    from flwr.app import Metadata, RecordDict
+    from flwr.app.message.message import make_message
+    from flwr.app.message_type import MessageType
+    from fedtune.client.mods import private_errors_mod
+    from fedtune.client.policy import BudgetRefusal
+    from fedtune.federation.refusal import refusal_kind, refusing_site
+
+    def call_next(msg, ctx):
+        raise BudgetRefusal("hospital-a: lifetime budget spent (epsilon 9.9 of 10) on /srv/x.csv")
+
+    context = SimpleNamespace(node_config={"data-path": "/srv/x.csv", "site-id": "hospital-a"})
+    msg = make_message(Metadata(run_id=1, message_id="m-1", src_node_id=0, dst_node_id=7, reply_to_message_id="",
+                                group_id="1", created_at=time.time(), ttl=3600.0,
+                                message_type=MessageType.TRAIN), RecordDict())
+    reply = private_errors_mod(msg, context, call_next)
+    assert reply.has_error()
+    assert reply.error.reason == "hospital-a: refused (privacy budget)"
+    assert refusing_site(reply.error.reason) == "hospital-a"
+    assert refusal_kind(reply.error.reason) == "refused (privacy budget)"
+    assert refusing_site("hospital-a: data error") is None
+
+
+# -- the pre-flight at a site -------------------------------------------------------------------
+
+@pytest.fixture
+def site_file(tmp_path):
+    rows = [{"review": r["text"], "sentiment": r["label"]} for r in tiny.separable_rows(40, seed=1)]
+    return tiny.write_csv(rows, tmp_path / "hospital-a.csv")
+
+
+def _request(*sets, version=__version__):
+    cfg = load_config(None, ['data.text_column="review"', 'data.label_column="sentiment"',
+                             'data.labels=["neg", "pos"]', "train.batch_size=16", *sets])
+    return PreflightRequest(run_id="r1", config=cfg.to_toml(), version=version)
+
+
+def _settings(path, **extra):
+    return SiteSettings.model_validate({"site-id": "hospital-a", "data-path": str(path), **extra})
+
+
+def test_a_site_with_the_columns_labels_and_rows_is_ready_and_declares_its_bucket(site_file):
+    reply = check_site(_request(), _settings(site_file))
+    assert reply.ready and reply.reason == "" and reply.version == __version__
+    assert reply.bucket == 32  # 40 rows, 8 held out for its test split -> 32
+
+
+def test_the_preflight_names_a_missing_column_and_no_path(site_file, caplog):
+    reply = check_site(_request('data.label_column="outcome"'), _settings(site_file))
+    assert not reply.ready and reply.reason == "missing column 'outcome'"
+    assert str(site_file) in caplog.text  # the detail stays in the site's own log
+
+
+def test_the_site_may_rename_its_columns(site_file, tmp_path):
+    cfg_cols = _request('data.text_column="text"', 'data.label_column="label"')
+    assert not check_site(cfg_cols, _settings(site_file)).ready
+    assert check_site(cfg_cols, _settings(site_file, **{"text-column": "review", "label-column": "sentiment"})).ready
+
+
+def test_unknown_labels_and_too_few_rows_are_refused_without_values(site_file):
+    reply = check_site(_request('data.labels=["neg", "neutral"]'), _settings(site_file))
+    assert not reply.ready and "'sentiment'" in reply.reason and "pos" not in reply.reason
+    reply = check_site(_request("train.batch_size=64"), _settings(site_file))
+    assert not reply.ready and "train.batch_size = 64" in reply.reason and "32" not in reply.reason
+
+
+def test_an_unknown_run_config_key_names_both_versions(site_file):
+    request = _request(version="9.9.9")
+    # a key a newer coordinator knows and this site's fedtune does not
+    request = request.model_copy(update={"config": request.config.replace("[federation]",
+                                                                          "[federation]\nnew_knob = 1", 1)})
+    reply = check_site(request, _settings(site_file))
+    assert not reply.ready
+    assert "'federation.new_knob'" in reply.reason and __version__ in reply.reason and "9.9.9" in reply.reason
+
+
+# -- the pre-flight at the coordinator ------------------------------------------------------------
+
+class _PreflightGrid:
+    """Answers each query with a site's real pre-flight (check_site), or not at all."""
+
+    def __init__(self, sites: dict):
+        self.sites, self.asked = sites, []
+
+    def send_and_receive(self, messages, timeout=None):
+        from flwr.app import ConfigRecord, Message, RecordDict
+
+        from fedtune.federation.preflight import RECORD
+
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            self.asked.append(node)
+            if self.sites[node] is None:
+                continue
+            reply = check_site(PreflightRequest.from_record(msg.content.config_records[RECORD]), self.sites[node])
+            replies.append(Message(RecordDict({RECORD: ConfigRecord(reply.to_record())}), reply_to=msg))
+        return replies
+
+
+@pytest.fixture
+def server_identity(monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value, raising=False)
+
+
+def _roster(nodes, min_sites=2, planned=None):
+    manager = SimpleNamespace(all=lambda: {str(n): SimpleNamespace(node_id=n) for n in nodes}, notify=lambda: None)
+    return SiteRoster(min_sites=min_sites, planned_sites=planned or len(nodes), join_timeout=1, stage_timeout=5,
+                      preflight=True, health=SiteHealth(), client_manager=manager)
+
+
+def test_a_preflight_names_a_sites_missing_column_before_round_1(site_file, tmp_path, server_identity):
+    other = tiny.write_csv([{"text": r["text"], "sentiment": r["label"]} for r in tiny.separable_rows(40, 2)],
+                           tmp_path / "hospital-b.csv")
+    sites = {1: _settings(site_file),
+             2: SiteSettings.model_validate({"site-id": "hospital-b", "data-path": str(other)})}
+    roster = _roster([1, 2], min_sites=2)
+    cfg = load_config(None, ['data.text_column="review"', 'data.label_column="sentiment"', 'data.labels=["neg","pos"]',
+                             "train.batch_size=16"])
+    with pytest.raises(TooFewSites, match=r"1 site\(s\) can take part before round 1, 2 needed "
+                                          r"\(left out: hospital-b: pre-flight: missing column 'review'\)"):
+        roster.admit(_PreflightGrid(sites), "r1", cfg.to_toml())
+    assert roster.eligible(1) and not roster.eligible(2)
+    assert roster.max_weight == 32  # from hospital-a's declared bucket
+
+
+def test_sites_that_do_not_answer_are_asked_again_and_max_weight_follows_the_largest(site_file, tmp_path,
+                                                                                        server_identity):
+    big = tiny.write_csv([{"review": r["text"], "sentiment": r["label"]} for r in tiny.separable_rows(700, 3)],
+                         tmp_path / "big.csv")
+    grid = _PreflightGrid({1: _settings(site_file), 2: None})
+    roster = _roster([1, 2], min_sites=1)
+    cfg = _request().config
+    roster.admit(grid, "r1", cfg)
+    assert roster.eligible(1) and not roster.eligible(2) and roster.max_weight == 32
+    grid.sites[2] = SiteSettings.model_validate({"site-id": "big", "data-path": str(big)})
+    roster.admit(grid, "r1", cfg)
+    assert grid.asked == [1, 2, 2] and roster.eligible(2)
+    assert roster.max_weight == 1024  # 560 training rows -> bucket 1024
+
+
+# -- client manager ----------------------------------------------------------------------------------
+
+def test_sampling_waits_at_most_join_timeout_and_only_for_eligible_sites():
+    import time
+
+    manager = EligibleClientManager(lambda node: node != 2, join_timeout=0.5)
+    for n in (1, 2):
+        manager.register(SimpleNamespace(cid=str(n), node_id=n))
+    assert manager.num_available() == 1
+    started = time.monotonic()
+    assert manager.sample(2, 2) == []
+    assert time.monotonic() - started < 5
+    assert [p.node_id for p in manager.sample(1, 1)] == [1]
+
+
+# -- a round that does not aggregate ----------------------------------------------------------------
+
+class _FakeEvaluator:
+    names = ["a"]
+
+    def named(self, arrays):
+        from collections import OrderedDict
+
+        return OrderedDict(a=np.asarray(arrays[0], np.float32))
+
+    def export(self, arrays, folder):
+        folder.mkdir(parents=True, exist_ok=True)
+
+
+def test_a_round_whose_aggregation_fails_is_recorded_as_failed(tmp_path, caplog):
+    cfg = load_config(None, ["federation.rounds=3", "federation.sites=4", "federation.max_consecutive_failures=2"])
+    run = PreparedRun(cfg, tmp_path, _FakeEvaluator(), [np.zeros(2, np.float32)], "run1", 0, {}, None, True)
+    rec = RunRecorder(run, SimpleNamespace(take=lambda: ({}, {}), errors={}))
+    rec.start_round(1)
+    rec.sampled = {1, 2, 3, 4}
+    rec.current["central"] = {"accuracy": 0.5, "loss": 1.0}
+    rec.round_failed(1, "SecAgg+ stopped at the unmasking stage", {1, 2}, [])
+    rec.end_round(1)
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["failed"] == "SecAgg+ stopped at the unmasking stage" and record["sites"] == {}
+    assert "round 1 FAILED" in caplog.text and rec.best_round is None
+    assert rec.roster.eligible(3)  # one failure: asked again
+    rec.start_round(2)
+    rec.sampled = {1, 2, 3}
+    rec.round_failed(2, "again", {1, 2}, [])
+    assert not rec.roster.eligible(3) and rec.roster.eligible(4)  # two in a row: left out
+
+
+def test_too_few_sites_stop_the_run_with_a_reason(tmp_path):
+    cfg = load_config(None, ["federation.sites=3", "federation.min_sites=3"])
+    run = PreparedRun(cfg, tmp_path, _FakeEvaluator(), [np.zeros(2, np.float32)], "run1", 0, {}, None, True)
+    rec = RunRecorder(run, SimpleNamespace(take=lambda: ({}, {}), errors={}))
+    proxies = [(SimpleNamespace(node_id=n), None) for n in (1, 2)]
+    with pytest.raises(StopRun, match="only 2 site\\(s\\) can train, 3 needed") as stop:
+        rec.select(1, proxies)
+    assert stop.value.failed

@@ -1,0 +1,150 @@
+"""SecAgg+ with sites that die mid-round and stay dead: Flower's real protocol (its workflow and
+its client mod) over an in-process grid that delivers each message to the site's ClientApp and
+drops every message to a dead site, as a SuperLink does once the site's deadline has passed."""
+
+import copy
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.client import ClientApp, NumPyClient
+from flwr.client.mod import secaggplus_mod
+from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.compat.common import recorddict_compat as compat
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.strategy import FedAvg
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+
+from fedtune.server.secagg_workflow import ResilientSecAggPlusWorkflow
+
+SHAPE = (6, 5)
+
+
+@pytest.fixture(autouse=True)
+def server_identity(monkeypatch):
+    """What a ServerApp process has set when it builds messages."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value, raising=False)
+
+
+class _Site(NumPyClient):
+    def __init__(self, value, examples):
+        self.value, self.examples = value, examples
+
+    def fit(self, parameters, config):
+        return [np.asarray(self.value, np.float64)], self.examples, {}
+
+
+def _client_app(value, examples) -> ClientApp:
+    def client_fn(context: Context):
+        return _Site(value, examples).to_client()
+
+    return ClientApp(client_fn=client_fn, mods=[secaggplus_mod])
+
+
+class LoopbackGrid:
+    """``die``: node -> the SecAgg+ stage at which the site dies; it never answers again."""
+
+    def __init__(self, sites: dict, die: dict):
+        self.sites, self.die, self.dead = sites, dict(die), set()
+        self._app = _client_app
+        self.contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={})
+                         for n in sites}
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            msg = copy.deepcopy(msg)  # each site gets its own copy, as over the network
+            node = msg.metadata.dst_node_id
+            stage = msg.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE]
+            if self.die.get(node) == stage:
+                self.dead.add(node)
+            if node in self.dead:
+                continue
+            try:
+                replies.append(self._app(*self.sites[node])(msg, self.contexts[node]))
+            except Exception as exc:  # the SuperNode answers with an error, as Flower does
+                replies.append(Message(Error(code=2, reason=f"{type(exc)}:<'{exc}'>"), reply_to=msg))
+        return replies
+
+
+def _run(workflow, sites, die):
+    grid = LoopbackGrid(sites, die)
+    manager = SimpleClientManager()
+    for node in sites:
+        manager.register(GridClientProxy(node, grid, 1))
+    strategy = FedAvg(fraction_fit=1.0, min_fit_clients=len(sites), min_available_clients=len(sites),
+                      accept_failures=True)
+    ctx = LegacyContext(Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}),
+                        config=ServerConfig(num_rounds=1), strategy=strategy, client_manager=manager)
+    ctx.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: 1,
+                                                                 WorkflowKey.START_TIME: 0.0})
+    before = [np.zeros(SHAPE)]
+    ctx.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(ndarrays_to_parameters(before),
+                                                                                   True)
+    workflow(grid, ctx)
+    after = parameters_to_ndarrays(compat.arrayrecord_to_parameters(ctx.state.array_records[MAIN_PARAMS_RECORD],
+                                                                    keep_input=True))
+    return after[0]
+
+
+def _sites(n):
+    rng = np.random.default_rng(3)
+    return {100 + i: (rng.normal(0, 0.5, SHAPE), 50 * (i + 1)) for i in range(n)}
+
+
+def _mean(sites, nodes):
+    total = sum(sites[n][1] for n in nodes)
+    return sum(sites[n][0] * sites[n][1] for n in nodes) / total
+
+
+def _resilient(halts, shares, threshold):
+    return ResilientSecAggPlusWorkflow(num_shares=shares, reconstruction_threshold=threshold, max_weight=1024.0,
+                                       stage_timeout=5, train_timeout=5, on_halt=lambda r, s: halts.append(r))
+
+
+@pytest.mark.parametrize("stage, survivors_in_sum", [
+    (None, 4),                         # nobody dies
+    ("share_keys", 3),                 # dies after setup, before sharing its keys
+    ("collect_masked_vectors", 3),     # dies while training: its masks are removed with its neighbours' shares
+    ("unmask", 4),                     # dies during unmasking: its update is in, its mask is recovered
+])
+def test_four_sites_one_dies_and_the_round_aggregates_the_others(stage, survivors_in_sum):
+    sites = _sites(4)
+    victim = 102
+    halts = []
+    got = _run(_resilient(halts, 4, 3), sites, {victim: stage} if stage else {})
+    assert halts == []
+    nodes = sorted(sites) if survivors_in_sum == 4 else [n for n in sites if n != victim]
+    np.testing.assert_allclose(got, _mean(sites, nodes), atol=1e-4)
+
+
+def test_flowers_own_workflow_halts_when_a_site_dies_before_sharing_keys():
+    """What the resilient workflow fixes (the "Not enough shares" halt seen in a deployment)."""
+    sites = _sites(4)
+    got = _run(SecAggPlusWorkflow(num_shares=4, reconstruction_threshold=3, max_weight=1024.0), sites,
+               {102: "share_keys"})
+    assert np.array_equal(got, np.zeros(SHAPE))  # no aggregate: the model is unchanged
+
+
+def test_two_of_five_die_while_training_and_the_three_left_aggregate():
+    sites = _sites(5)
+    halts = []
+    got = _run(_resilient(halts, 5, 3), sites, {101: "collect_masked_vectors", 103: "collect_masked_vectors"})
+    assert halts == []
+    np.testing.assert_allclose(got, _mean(sites, [100, 102, 104]), atol=1e-4)
+
+
+def test_too_few_survivors_halt_with_a_reason():
+    sites = _sites(4)
+    halts = []
+    got = _run(_resilient(halts, 4, 3), sites, {101: "collect_masked_vectors", 103: "collect_masked_vectors"})
+    assert np.array_equal(got, np.zeros(SHAPE))
+    assert len(halts) == 1 and "training stage" in halts[0] and "threshold 3" in halts[0]
