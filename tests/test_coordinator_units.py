@@ -125,3 +125,12 @@ def test_merged_export_is_a_plain_model_with_the_same_logits(tiny_models, separa
         want = ev.model(input_ids=batch[0], attention_mask=batch[1]).logits
         got = merged(input_ids=batch[0], attention_mask=batch[1]).logits
     assert torch.allclose(want, got, atol=1e-5)
+
+
+def test_a_user_set_threshold_at_the_share_count_is_refused_not_lowered():
+    with pytest.raises(SecAggSettingsError, match="threshold < shares"):
+        secagg_settings(_fed("federation.sites=5", "federation.secagg_num_shares=4",
+                             "federation.secagg_reconstruction_threshold=4"), [np.zeros(3, np.float32)], 10)
+    s = secagg_settings(_fed("federation.sites=5", "federation.secagg_num_shares=4",
+                             "federation.secagg_reconstruction_threshold=3"), [np.zeros(3, np.float32)], 10)
+    assert (s.num_shares, s.reconstruction_threshold) == (4, 3)

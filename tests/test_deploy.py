@@ -153,9 +153,8 @@ def test_two_sites_run_a_dp_secagg_federation_over_tls(federation, procs, tmp_pa
     submit = procs.start("submit", fedtune_cmd("submit", "--config", fed["hostile"], "--out", hostile_out,
                                                "--state-dir", coordinator_state))
     procs.wait(submit, 400)
-    ended = json.loads((hostile_out / "run.json").read_text())["ended"]
-    assert ended.startswith("ended early"), ended
-    assert set(json.loads((hostile_out / "privacy.json").read_text())["refused"]) == {"site-a", "site-b"}
+    hostile_rounds = [json.loads(line) for line in (hostile_out / "metrics.jsonl").read_text().splitlines()]
+    assert len(hostile_rounds) > 1 and all(r["sites"] == {} for r in hostile_rounds)  # no site trained
     assert _ledger_epsilon(state["site-a"]) <= 2.0 + 1e-6
     for site in state.values():
         assert len((site / "privacy-ledger.jsonl").read_text().splitlines()) == 2  # nothing trained
