@@ -12,6 +12,7 @@ from flwr.app import Context
 from flwr.client import ClientApp
 
 from .mods import secure_aggregation_mod
+from .traffic import traffic_mod
 from .settings import settings_from_node_config
 
 
@@ -23,7 +24,7 @@ def client_fn(context: Context):
 
 def make_client_app(extra_mods: list | None = None) -> ClientApp:
     """``extra_mods`` run outside secure aggregation, so they see exactly what leaves the site."""
-    return ClientApp(client_fn=client_fn, mods=[*(extra_mods or []), secure_aggregation_mod])
+    return ClientApp(client_fn=client_fn, mods=[traffic_mod, *(extra_mods or []), secure_aggregation_mod])
 
 
 app = make_client_app()

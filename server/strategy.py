@@ -58,9 +58,17 @@ def make_strategy(cfg: FedTuneConfig, initial: list[np.ndarray], recorder):
         on_evaluate_config_fn=recorder.evaluate_config,
         initial_parameters=ndarrays_to_parameters(initial),
         accept_failures=True,
+        # The recorder keeps every site's metrics itself; Flower's aggregate of them is unused
+        # (without these Flower warns each round that none is provided).
+        fit_metrics_aggregation_fn=_no_aggregate,
+        evaluate_metrics_aggregation_fn=_no_aggregate,
     )
     if fed.strategy == "fedprox":
         kwargs["proximal_mu"] = fed.proximal_mu
     if fed.strategy == "fedadam":
         kwargs.update(eta=fed.server_learning_rate, eta_l=cfg.train.learning_rate, tau=1e-3)
     return RecordingStrategy(**kwargs)
+
+
+def _no_aggregate(metrics: list) -> dict:
+    return {}

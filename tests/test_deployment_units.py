@@ -238,4 +238,5 @@ def test_the_server_checks_the_run_config_before_starting_anything(tmp_path):
                          out=tmp_path / "run")
     with pytest.raises(DeploymentError, match="data.eval = /data/eval.csv: .*evaluation file is missing"):
         serve(opts)
-    assert not (tmp_path / "state" / "superlink.log").exists()  # no SuperLink was started
+    assert not (tmp_path / "run" / "logs" / "superlink.log").exists()  # no SuperLink was started
+    assert not (tmp_path / "state" / "logs" / "superlink.log").exists()

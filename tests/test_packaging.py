@@ -18,6 +18,7 @@ import pytest
 from fedtune import tiny
 
 from deploy_helpers import Processes, free_port
+from helpers import library_lines
 
 REPO = Path(__file__).resolve().parents[1]
 # What the wheel is built from (the rest of the checkout: tests, simulations, deploy, stays out).
@@ -179,7 +180,15 @@ site_test_fraction = 0.2
     out = _run([fedtune, "simulate", "--config", config, "--out", work / "sim"], work, env, timeout=600)
     simulated = time.monotonic() - sim_started
     assert (work / "sim" / "final" / "adapter" / "adapter_config.json").is_file(), out
-    assert "fedtune simulate ->" in out
+    # The console a person reads: header, a line per round, the summary; the libraries' lines
+    # and warnings (Flower, Ray, alembic, transformers) only in the run's logs/.
+    assert "fedtune simulate: " in out and "3 sites, 1 rounds" in out, out
+    assert "round 0/1  acc " in out and "round 1/1  acc " in out and " eps " in out, out
+    assert "fedtune simulate -> " in out and "best round:" in out, out
+    assert library_lines(out) == [], library_lines(out)
+    logs = work / "sim" / "logs"
+    assert "run_simulation" in (logs / "simulate.log").read_text()  # Flower's deprecation notice, kept there
+    assert (logs / "sites.log").is_file()
 
     # One round of a deployment over TLS: certificates, a coordinator, two site agents.
     dep_started = time.monotonic()
