@@ -64,10 +64,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.set_defaults(func=_cmd_split_data)
 
+    p = sub.add_parser("report", help="write RUN_DIR/report.html: plots, per-round table, privacy report and "
+                       "config of a run, in one self-contained page (works on a run in progress)")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder (from simulate or server --out)")
+    p.add_argument("--out", type=Path, default=None, help="where to write the page (default: RUN_DIR/report.html)")
+    p.set_defaults(func=_cmd_report)
+
     from fedtune.deployment.cli import add_deployment_commands
 
     add_deployment_commands(sub)
     return parser
+
+
+def _cmd_report(args) -> int:
+    from fedtune.federation.report_page import write_report
+
+    print(write_report(args.run_dir, args.out))
+    return 0
 
 
 def _cmd_split_data(args) -> int:

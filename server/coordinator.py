@@ -21,6 +21,7 @@ from fedtune.data import LabelMap, read_table
 from fedtune.data.cleaning import clean_rows
 from fedtune.data.site import data_columns
 from fedtune.federation.dataset import FederatedRows, federated_rows
+from fedtune.federation.events import close_events, write_round_events
 from fedtune.federation.messages import RoundInstructions, SiteReport
 from fedtune.io_utils import atomic_write_json
 
@@ -290,6 +291,7 @@ class RunRecorder:
         with path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
             fh.flush()
+        write_round_events(self.run.out_dir, record)  # the same round for TensorBoard (live view)
 
     def _log_round(self, rnd: int, central: Optional[dict], sites: Optional[dict] = None) -> None:
         central = central or {}
@@ -364,6 +366,7 @@ def _finalize(run: PreparedRun, recorder: RunRecorder) -> None:
     write_privacy_report(recorder.privacy_json(), out / "privacy.md")
     records = read_records(out / "metrics.jsonl")
     write_plots(records, out / "plots")
+    close_events(out)
 
 
 def read_records(path: Path) -> list[dict]:

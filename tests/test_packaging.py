@@ -189,6 +189,8 @@ site_test_fraction = 0.2
     logs = work / "sim" / "logs"
     assert "run_simulation" in (logs / "simulate.log").read_text()  # Flower's deprecation notice, kept there
     assert (logs / "sites.log").is_file()
+    assert list((work / "sim" / "tensorboard").glob("events.out.tfevents.*"))  # the live view's files
+    assert "report.html" in _run([fedtune, "report", work / "sim"], work, env)
 
     # One round of a deployment over TLS: certificates, a coordinator, two site agents.
     dep_started = time.monotonic()
