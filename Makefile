@@ -4,15 +4,23 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo demo-local test test-fast bench bench-full clean
+.PHONY: install dist demo demo-local test test-fast bench bench-full clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $@
 
 install: $(VENV)/.installed
+
+# The wheel a site installs (dist/fedtune-<version>-py3-none-any.whl): what the Docker image and
+# the site admin's guide use. Built outside the tree's build/ so no stale file slips in.
+dist: install
+	rm -rf build dist
+	$(BIN)/python -m pip wheel --quiet --no-deps --wheel-dir dist .
+	rm -rf build
+	@ls dist/*.whl
 
 demo: install
 	$(BIN)/fedtune simulate --config simulations/federated.toml --out runs/demo
@@ -34,4 +42,4 @@ bench-full: install
 	$(BIN)/python -m simulations.benchmarks.run_all --full
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache build dist

@@ -13,6 +13,7 @@ from flwr.client import ClientApp
 
 from .mods import private_errors_mod, secure_aggregation_mod
 from .preflight import preflight_mod
+from .traffic import traffic_mod
 from .settings import settings_from_node_config
 
 
@@ -24,8 +25,9 @@ def client_fn(context: Context):
 
 def make_client_app(extra_mods: list | None = None) -> ClientApp:
     """``extra_mods`` run outside secure aggregation and outside ``private_errors_mod`` (which
-    turns every failure into a generic reply), so they see exactly what leaves the site."""
-    mods = [*(extra_mods or []), private_errors_mod, preflight_mod, secure_aggregation_mod]
+    turns every failure into a generic reply), so they see exactly what leaves the site;
+    ``traffic_mod`` (outermost) counts what the site sends for its own console."""
+    mods = [traffic_mod, *(extra_mods or []), private_errors_mod, preflight_mod, secure_aggregation_mod]
     return ClientApp(client_fn=client_fn, mods=mods)
 
 

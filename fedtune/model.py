@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import contextlib
 import math
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -117,7 +119,8 @@ def add_lora(model: torch.nn.Module, cfg: LoraConfig, task: str) -> PeftModel:
         target_modules=targets,
     )
     try:
-        peft_model = get_peft_model(model, peft_cfg)
+        with _peft_checkpointing_probe():
+            peft_model = get_peft_model(model, peft_cfg)
     except ValueError as exc:
         raise ModelLoadError(f"lora.target_modules = {targets}: {exc}") from None
     if cfg.freeze_a:
@@ -171,3 +174,13 @@ def resolve_device(requested: str) -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(requested)
+
+
+@contextlib.contextmanager
+def _peft_checkpointing_probe():
+    """peft 0.21 reads ``model.is_gradient_checkpointing``, which transformers 5 deprecates with a
+    FutureWarning on every model load (in every site worker). Only that one message, only around
+    peft's call: any other warning still shows."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield

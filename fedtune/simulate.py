@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -20,8 +21,19 @@ def simulate(
     stop_after_round: Optional[int] = None,
     cpus: Optional[int] = None,
     resume_overrides: Optional[list[str]] = None,
+    verbose: bool = False,
 ) -> str:
-    """Validate (before any round), then run the rounds; returns how the run ended."""
+    """Validate (before any round), then run the rounds; returns how the run ended.
+
+    The sites' Ray workers write their logs, warnings and output to ``<out_dir>/logs/sites.log``
+    (and, with ``verbose``, to this console as well).
+
+    Flower 1.42 deprecates ``run_simulation`` in favour of ``flwr run`` with a local SuperLink
+    (tested in tests/test_federation.py::test_flwr_run_on_the_flower_app). fedtune keeps the
+    in-process call: the run stays one process tree that Ctrl-C stops, the coordinator's errors
+    surface here as exceptions, and tests can add client mods (the egress check) and stop after a
+    round. Its deprecation notice goes to the log file with Flower's other lines.
+    """
     from flwr.server import ServerApp
     from flwr.simulation import run_simulation
 
@@ -39,6 +51,7 @@ def simulate(
     cpus = cpus or os.cpu_count() or 2
     # Flower adds the working directory to PYTHONPATH on each call; keep it from growing.
     pythonpath = os.environ.get("PYTHONPATH")
+    started_ray = _start_ray(cpus, Path(out_dir) / "logs" / "sites.log", verbose)
     try:
         run_simulation(
             server_app=server_app,
@@ -46,7 +59,7 @@ def simulate(
             num_supernodes=run.cfg.federation.sites,
             backend_config={
                 "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                "init_args": {"num_cpus": cpus, "logging_level": "ERROR", "log_to_driver": True},
+                "init_args": {"num_cpus": cpus, "logging_level": "ERROR", "log_to_driver": verbose},
             },
         )
     finally:
@@ -54,6 +67,36 @@ def simulate(
             os.environ.pop("PYTHONPATH", None)
         else:
             os.environ["PYTHONPATH"] = pythonpath
+        if started_ray:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
     if "ended" not in outcome:
-        raise RuntimeError("the federated run did not finish; see the log above")
+        raise RuntimeError(f"the federated run did not finish; see {Path(out_dir) / 'logs'}")
     return outcome["ended"]
+
+
+def _start_ray(cpus: int, site_log: Path, verbose: bool) -> bool:
+    """Start Ray before Flower does (Flower then uses it), so that each site worker runs
+    ``fedtune.run_logs.worker_setup`` first: its logs and warnings go to ``site_log``, and its
+    output reaches this console only with ``verbose``. Returns whether Ray was started here."""
+    import ray
+
+    from fedtune.run_logs import WORKER_LOG_ENV, WORKER_VERBOSE_ENV
+
+    if ray.is_initialized():
+        return False
+    site_log.parent.mkdir(parents=True, exist_ok=True)
+    # What Flower's own Ray start passes: the workers import the ClientApp from this sys.path.
+    paths = [*sys.path, *([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])]
+    os.environ["PYTHONPATH"] = os.pathsep.join(paths)
+    ray.init(
+        num_cpus=cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=verbose,
+        runtime_env={
+            "env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"], WORKER_LOG_ENV: str(site_log.resolve()),
+                         WORKER_VERBOSE_ENV: "1" if verbose else "0"},
+            "worker_process_setup_hook": "fedtune.run_logs.worker_setup",
+        },
+    )
+    return True

@@ -22,6 +22,7 @@ from fedtune.data import LabelMap, read_table
 from fedtune.data.cleaning import clean_rows
 from fedtune.data.site import data_columns
 from fedtune.federation.dataset import FederatedRows, federated_rows
+from fedtune.federation.events import close_events, write_round_events
 from fedtune.federation.messages import RoundInstructions, SiteReport
 from fedtune.federation.refusal import refusal_kind, refusing_site
 from fedtune.io_utils import append_line, atomic_write_json, atomic_write_text, read_jsonl
@@ -402,6 +403,7 @@ class RunRecorder:
     def _write_record(self, record: dict) -> None:
         record["target_epsilon"] = self.cfg.privacy.target_epsilon if self.cfg.privacy.enabled else None
         append_line(self.run.out_dir / "metrics.jsonl", json.dumps(record))
+        write_round_events(self.run.out_dir, record)  # the same round for TensorBoard (live view)
 
     def _log_round(self, rnd: int, central: Optional[dict], sites: Optional[dict] = None,
                    failed: Optional[str] = None) -> None:
@@ -511,6 +513,7 @@ def _finalize(run: PreparedRun, recorder: RunRecorder) -> None:
     write_privacy_report(recorder.privacy_json(), out / "privacy.md")
     records = read_records(out / "metrics.jsonl")
     write_plots(records, out / "plots")
+    close_events(out)
 
 
 def read_records(path: Path) -> list[dict]:

@@ -61,6 +61,10 @@ def make_strategy(cfg: FedTuneConfig, initial: list[np.ndarray], recorder):
         on_evaluate_config_fn=recorder.evaluate_config,
         initial_parameters=ndarrays_to_parameters(initial),
         accept_failures=True,
+        # The recorder keeps every site's metrics itself; Flower's aggregate of them is unused
+        # (without these Flower warns each round that none is provided).
+        fit_metrics_aggregation_fn=_no_aggregate,
+        evaluate_metrics_aggregation_fn=_no_aggregate,
     )
     if fed.strategy == "fedprox":
         kwargs["proximal_mu"] = fed.proximal_mu
@@ -78,4 +82,8 @@ def optimizer_state(strategy) -> dict:
     """What a resumed run needs of the server optimiser (FedAdam); {} for FedAvg and FedProx."""
     if getattr(strategy, "m_t", None) and getattr(strategy, "v_t", None):
         return {"m_t": strategy.m_t, "v_t": strategy.v_t, "current_weights": strategy.current_weights}
+    return {}
+
+
+def _no_aggregate(metrics: list) -> dict:
     return {}

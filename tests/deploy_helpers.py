@@ -25,15 +25,15 @@ def fedtune_cmd(*args) -> list[str]:
 
 
 class Processes:
-    def __init__(self, env: dict, log_dir: Path):
-        self.env, self.log_dir = env, log_dir
+    def __init__(self, env: dict, log_dir: Path, cwd: Path | None = None):
+        self.env, self.log_dir, self.cwd = env, log_dir, cwd
         self.started: list[tuple[subprocess.Popen, Path]] = []
         self.family: set[int] = set()
 
     def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
         log = self.log_dir / f"{name}.log"
         proc = subprocess.Popen(cmd, env=self.env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, cwd=self.cwd)
         self.started.append((proc, log))
         return proc
 

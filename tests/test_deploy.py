@@ -16,6 +16,7 @@ from fedtune.deployment.certs import CertPaths, create_server_cert, create_site_
 from fedtune.deployment.flower import check_tls, flower_env, superlink_command, wait_for_port
 
 from deploy_helpers import Processes, fedtune_cmd, free_port
+from helpers import library_lines
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -78,6 +79,12 @@ def _client(fed, site, port, runtime_port, *extra):
                        "--state-dir", fed["root"] / "state" / site, "--runtime-port", runtime_port, *extra)
 
 
+def _flower_log(state: Path) -> str:
+    """What the site agent's SuperNode logged (to the state folder, not the console)."""
+    path = state / "logs" / "supernode.log"
+    return path.read_text(errors="replace") if path.is_file() else ""
+
+
 def _wait_for(procs, proc, text, timeout):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -120,8 +127,25 @@ def test_two_sites_run_a_dp_secagg_federation_over_tls(federation, procs, tmp_pa
                                              *(["--target-epsilon", "2"] if site == "site-a" else [])))
              for site in ("site-a", "site-b")}
     _wait_for_file(procs, server, out / "run.json", 600)
+    _wait_for(procs, server, "run finished; still serving", 60)  # the outcome and summary are printed
     print(f"\ndeployment: 2 sites, 2 rounds, wall time {time.monotonic() - started:.1f} s")
     assert "DP-SGD required; epsilon at most 2 per run; lifetime cap 10" in procs.log(sites["site-a"])
+
+    # The coordinator's console: header, one line per round, the summary; Flower's lines in logs/.
+    console = procs.log(server)
+    assert "fedtune server: " in console and "2 sites, 2 rounds" in console
+    for rnd in (0, 1, 2):
+        assert f"round {rnd}/2  acc " in console, console
+    assert "fedtune run -> " in console and "best round:" in console
+    assert library_lines(console) == [], library_lines(console)
+    assert "Secure aggregation commencing" in (out / "logs" / "serverapp.log").read_text()
+    assert (out / "logs" / "superlink.log").is_file()
+    for site in ("site-a", "site-b"):  # each site's console: what it spent and sent, per round
+        _wait_for(procs, sites[site], f"{site} round 2: trained ", 30)
+        site_console = procs.log(sites[site])
+        assert f"{site} round 1: trained " in site_console and " MB" in site_console, site_console
+        assert library_lines(site_console) == [], library_lines(site_console)
+        assert _flower_log(fed["root"] / "state" / site).strip()  # Flower's own lines: in the state folder
 
     assert json.loads((out / "run.json").read_text())["ended"] == "completed"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -182,7 +206,7 @@ def test_a_site_with_an_unregistered_key_is_refused(federation, procs, coordinat
     cmd[cmd.index("--key") + 1] = str(federation["rogue"])
     rogue = procs.start("rogue", cmd)
     assert procs.wait(rogue, 120) != 0
-    assert "Failed to activate SuperNode" in procs.log(rogue)
+    assert "Failed to activate SuperNode" in procs.log(rogue) + _flower_log(federation["root"] / "state" / "site-a")
 
 
 def test_a_plain_text_client_cannot_talk_to_the_tls_coordinator(federation, procs, coordinator):
@@ -193,7 +217,7 @@ def test_a_plain_text_client_cannot_talk_to_the_tls_coordinator(federation, proc
     assert procs.wait(plain, 120) != 0
     log = procs.log(plain)
     assert "WARNING: --insecure" in log
-    assert "Connection attempt failed" in log
+    assert "Connection attempt failed" in log + _flower_log(federation["root"] / "state" / "plain")
 
 
 def test_a_certificate_for_another_host_is_rejected(federation, procs, tmp_path):
@@ -215,7 +239,8 @@ def test_a_certificate_for_another_host_is_rejected(federation, procs, tmp_path)
     site = procs.start("site-a", _client(federation, "site-a", port, free_port(),
                                          "--max-retries", "2", "--max-wait-time", "20"))
     assert procs.wait(site, 120) != 0
-    assert "certificate verify failed: IP address mismatch" in procs.log(site)
+    assert "certificate verify failed: IP address mismatch" in procs.log(site) + _flower_log(
+        federation["root"] / "state" / "site-a")
 
 
 def test_the_coordinator_certificate_is_checked_against_the_ca(federation, coordinator, tmp_path):

@@ -175,7 +175,9 @@ def test_the_images_run_as_a_non_root_user_with_everything_preinstalled():
     dockerfile = (DEPLOY / "docker" / "Dockerfile").read_text()
     users = [line.split()[1] for line in dockerfile.splitlines() if line.startswith("USER ")]
     assert users and all(u not in ("root", "0") for u in users)
-    assert "pip install ." in dockerfile  # a SuperNode installs nothing at run time
+    # The wheel `make dist` builds, installed at build time: a SuperNode installs nothing at run time.
+    assert "COPY dist/fedtune-*.whl" in dockerfile and "pip install /tmp/wheels/fedtune-*.whl" in dockerfile
+    assert "dist:" in (DEPLOY.parent / "Makefile").read_text()
     targets = [line.split()[-1] for line in dockerfile.splitlines() if line.startswith("FROM ")]
     assert {"coordinator", "site"} <= set(targets)
 
@@ -236,4 +238,5 @@ def test_the_server_checks_the_run_config_before_starting_anything(tmp_path):
                          out=tmp_path / "run")
     with pytest.raises(DeploymentError, match="data.eval = /data/eval.csv: .*evaluation file is missing"):
         serve(opts)
-    assert not (tmp_path / "state" / "superlink.log").exists()  # no SuperLink was started
+    assert not (tmp_path / "run" / "logs" / "superlink.log").exists()  # no SuperLink was started
+    assert not (tmp_path / "state" / "logs" / "superlink.log").exists()

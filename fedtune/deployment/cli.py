@@ -51,6 +51,7 @@ def add_deployment_commands(sub) -> None:
                    help="override a run config key (with --resume: the saved config's rounds, deadlines, site policy)")
     p.add_argument("--keep-running", action="store_true", help="keep serving after the --config run ends")
     p.add_argument("--insecure", action="store_true", help="no TLS, no site authentication (local trials only)")
+    _verbose(p)
     p.set_defaults(func=_cmd_server)
 
     p = sub.add_parser("submit", help="submit a federated run to a running coordinator and stream it")
@@ -60,6 +61,7 @@ def add_deployment_commands(sub) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--connection", default="fedtune")
     p.add_argument("--state-dir", type=Path, default=Path.home() / ".fedtune" / "coordinator")
+    _verbose(p)
     p.set_defaults(func=_cmd_submit)
 
     p = sub.add_parser("client", help="start a site agent: a Flower SuperNode training on this site's data")
@@ -80,7 +82,14 @@ def add_deployment_commands(sub) -> None:
     p.add_argument("--max-retries", type=int, help="give up after this many failed connection attempts")
     p.add_argument("--max-wait-time", type=float, help="give up after this many seconds without a connection")
     p.add_argument("--insecure", action="store_true", help="no TLS, no authentication (local trials only)")
+    _verbose(p)
     p.set_defaults(func=_cmd_client)
+
+
+def _verbose(p) -> None:
+    from fedtune.cli import add_verbose
+
+    add_verbose(p)
 
 
 _SITE_FLAGS = [
@@ -159,14 +168,15 @@ def _cmd_server(args) -> int:
     return serve(ServerOptions(
         certs=args.certs, site_keys=args.site_keys, host=args.host, port=args.port, state_dir=args.state_dir,
         connection=args.connection, insecure=args.insecure, config=args.config, out=args.out, resume=args.resume, keep_running=args.keep_running,
-        overrides=args.overrides,
+        overrides=args.overrides, verbose=args.verbose,
     ))
 
 
 def _cmd_submit(args) -> int:
     from fedtune.deployment.coordinator import submit
 
-    return submit(args.config, args.out, args.connection, args.state_dir, args.resume, overrides=args.overrides)
+    return submit(args.config, args.out, args.connection, args.state_dir, args.resume, overrides=args.overrides,
+                  verbose=args.verbose)
 
 
 def _cmd_client(args) -> int:
@@ -180,5 +190,5 @@ def _cmd_client(args) -> int:
     return run_agent(ClientOptions(
         superlink=args.superlink, ca=args.ca, key=args.key, settings_file=args.settings, settings=settings,
         runtime_port=args.runtime_port, insecure=args.insecure, max_retries=args.max_retries,
-        max_wait_time=args.max_wait_time, isolation=args.isolation,
+        max_wait_time=args.max_wait_time, isolation=args.isolation, verbose=args.verbose,
     ))

@@ -41,6 +41,7 @@ class ServerOptions:
     keep_running: bool = False
     startup_timeout: float = 60.0
     overrides: list = None             # --set KEY=VALUE for the run (with resume: RESUMABLE keys only)
+    verbose: bool = False              # Flower's own log lines on the console too
 
 
 def _local_address(opts: ServerOptions) -> str:
@@ -62,11 +63,13 @@ def serve(opts: ServerOptions) -> int:
         if opts.out is None:
             raise DeploymentError("--config needs --out (the run directory on this machine)")
         check_run_config(opts.config, opts.overrides, opts.out if opts.resume else None)
-    log_path = state / "superlink.log"
+    # With a run: the run folder's logs/; serving only: the state folder's logs/.
+    log_path = (Path(opts.out) if opts.config is not None else state) / "logs" / "superlink.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     with processes.terminate_on_signals(), open(log_path, "ab") as superlink_log:
-        # With a run to watch, the run's stream is the terminal output; the SuperLink logs to a file.
-        superlink = processes.start(cmd, env, **({"stdout": superlink_log, "stderr": subprocess.STDOUT}
-                                                  if opts.config is not None else {}))
+        # The SuperLink logs to the file; to the console too only with --verbose.
+        superlink = processes.start(cmd, env, **({} if opts.verbose else
+                                                  {"stdout": superlink_log, "stderr": subprocess.STDOUT}))
         try:
             host, port = _local_address(opts).rsplit(":", 1)
             wait_for_port(host, int(port), opts.startup_timeout, superlink)
@@ -77,11 +80,12 @@ def serve(opts: ServerOptions) -> int:
                   f"`flwr` connection '{opts.connection}' in {home / 'config.toml'}", flush=True)
             if not opts.insecure:
                 register_sites(Path(opts.site_keys) if opts.site_keys else certs.sites, opts.connection, env)
+            print(f"fedtune server: SuperLink log: {log_path}", flush=True)
             if opts.config is None:
                 print("fedtune server: waiting for runs (`fedtune submit` or `flwr run`); Ctrl-C stops", flush=True)
                 return superlink.wait()
-            print(f"fedtune server: SuperLink log: {log_path}", flush=True)
-            rc = submit(opts.config, opts.out, opts.connection, state, opts.resume, env, opts.overrides)
+            rc = submit(opts.config, opts.out, opts.connection, state, opts.resume, env, opts.overrides,
+                        verbose=opts.verbose)
             if opts.keep_running:
                 print("fedtune server: run finished; still serving (Ctrl-C stops)", flush=True)
                 superlink.wait()
@@ -93,8 +97,8 @@ def serve(opts: ServerOptions) -> int:
             processes.stop(superlink)
 
 
-def check_run_config(path: Path, overrides: Optional[list] = None, resume_dir: Optional[Path] = None) -> None:
-    """What the ServerApp will need, checked before any site is kept waiting."""
+def check_run_config(path: Path, overrides: Optional[list] = None, resume_dir: Optional[Path] = None):
+    """What the ServerApp will need, checked before any site is kept waiting; returns the config."""
     from fedtune.config import load_config
 
     if resume_dir is not None:  # the saved run's config with the overrides
@@ -107,6 +111,7 @@ def check_run_config(path: Path, overrides: Optional[list] = None, resume_dir: O
     if cfg.data.eval is None or not Path(cfg.data.eval).is_file():
         raise DeploymentError(f"{path}: data.eval = {cfg.data.eval}: the coordinator's own evaluation file "
                               "is missing (sites bring their data; the coordinator evaluates on this one)")
+    return cfg
 
 
 def register_sites(folder: Path, connection: str, env: dict) -> dict[str, str]:
@@ -122,10 +127,14 @@ def register_sites(folder: Path, connection: str, env: dict) -> dict[str, str]:
 
 
 def submit(config: Path, out: Path, connection: str, state_dir: Path, resume: bool = False,
-           env: Optional[dict] = None, overrides: Optional[list] = None) -> int:
-    """`flwr run` of fedtune's app with this run config; streams the run's log, then prints
-    how it ended and the per-round summary."""
-    check_run_config(config, overrides, out if resume else None)
+           env: Optional[dict] = None, overrides: Optional[list] = None, verbose: bool = False) -> int:
+    """`flwr run` of fedtune's app with this run config: the run's header, progress and one line
+    per round on the console (read from the run folder as the ServerApp writes it), the run's
+    Flower log in ``<out>/logs/serverapp.log`` (and on the console with ``verbose``); then how
+    it ended and the per-round summary."""
+    from fedtune.console import RunView
+
+    cfg = check_run_config(config, overrides, out if resume else None)
     overrides_file = None
     if overrides:  # read by the ServerApp on this machine
         overrides_file = Path(out).resolve() / "overrides.json"
@@ -134,23 +143,29 @@ def submit(config: Path, out: Path, connection: str, state_dir: Path, resume: bo
         atomic_write_json(overrides_file, list(overrides))
     env = env or flower_env()
     app_dir = write_flower_app(Path(state_dir).expanduser() / "app")
-    (Path(out) / "run.json").unlink(missing_ok=True)  # so a stale one is never reported
-    result = subprocess.run(submit_command(app_dir, connection, config, out, resume, overrides=overrides_file),
-                            env=env)
-    return report(Path(out), result.returncode)
+    out = Path(out)
+    (out / "run.json").unlink(missing_ok=True)  # so a stale one is never reported
+    log_path = out / "logs" / "serverapp.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as stream_log, RunView(cfg, out, "server"):
+        result = subprocess.run(submit_command(app_dir, connection, config, out, resume, overrides=overrides_file),
+                                env=env, **({} if verbose else {"stdout": stream_log, "stderr": subprocess.STDOUT}))
+    return report(out, result.returncode, log_path)
 
 
-def report(out: Path, flwr_rc: int) -> int:
+def report(out: Path, flwr_rc: int, log_path: Optional[Path] = None) -> int:
     status = out / "run.json"
     if not status.exists():
-        print(f"fedtune: the run did not finish (flwr run exited with {flwr_rc}); see the log above", file=sys.stderr)
+        where = f"see {log_path}" if log_path else "see the log above"
+        print(f"fedtune: the run did not finish (flwr run exited with {flwr_rc}); {where}", file=sys.stderr)
+        if log_path is not None and log_path.is_file():
+            for line in log_path.read_text(errors="replace").splitlines()[-12:]:
+                print(f"  {line}", file=sys.stderr)
         return flwr_rc or 1
     ended = json.loads(status.read_text())["ended"]
-    from fedtune.federation.summary import format_summary
-    from fedtune.server.coordinator import read_records
+    from fedtune.console import print_outcome
 
-    print(f"\nfedtune run -> {out} ({ended})")
-    print(format_summary(read_records(out / "metrics.jsonl")))
+    print_outcome(out, ended, "run")
     if ended == "interrupted":
         return 3
     return 4 if ended.startswith("stopped") else 0  # stopped: too few sites, or no round aggregated

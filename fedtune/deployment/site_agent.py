@@ -4,6 +4,7 @@ site's private key and hands the site's settings to fedtune's ClientApp as node 
 from __future__ import annotations
 
 import stat
+import subprocess
 import sys
 import tomllib
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from fedtune.io_utils import atomic_write_text
 
 from . import processes
 from .flower import DeploymentError, flower_env, supernode_command
+from .site_view import SiteRoundView
 
 INSECURE_WARNING = (
     "WARNING: --insecure: this site agent connects WITHOUT TLS and WITHOUT authenticating itself. "
@@ -36,6 +38,7 @@ class ClientOptions:
     max_retries: Optional[int] = None
     max_wait_time: Optional[float] = None
     isolation: str = "subprocess"
+    verbose: bool = False          # the SuperNode's own log on the console too
 
 
 def site_settings(opts: ClientOptions):
@@ -107,17 +110,35 @@ def run_agent(opts: ClientOptions) -> int:
         _check_key(Path(opts.key))
     cmd = supernode_command(opts.superlink, node_config_file(settings, state), opts.runtime_port, opts.ca, opts.key,
                             opts.insecure, opts.max_retries, opts.max_wait_time, opts.isolation)
+    log_path = state / "logs" / "supernode.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     print(f"fedtune client: site '{settings.site_id}' -> {opts.superlink} "
           f"({'INSECURE' if opts.insecure else 'TLS, authenticated'}); data {settings.data_path}; "
-          f"privacy ledger in {state}", flush=True)
+          f"privacy ledger in {state}; Flower's log in {log_path}", flush=True)
     print(f"fedtune client: privacy (this site's own, whatever a run config asks): {_policy_line(settings)}; "
           f"dataset '{settings.dataset_name}'", flush=True)
-    with processes.terminate_on_signals():
-        supernode = processes.start(cmd, flower_env())
+    view = SiteRoundView(settings.site_id, state).start()
+    with processes.terminate_on_signals(), open(log_path, "ab") as flower_log:
+        # Flower's SuperNode (and its ClientApps) log to the file; with --verbose to the console too.
+        output = {} if opts.verbose else {"stdout": flower_log, "stderr": subprocess.STDOUT}
+        supernode = processes.start(cmd, flower_env(), **output)
+        rc = 130
         try:
-            return supernode.wait()
+            rc = supernode.wait()
+            return rc
         except KeyboardInterrupt:
             print("fedtune client: stopping", file=sys.stderr)
             return 130
         finally:
             processes.stop(supernode)
+            view.stop()
+            if rc not in (0, 130) and not opts.verbose:
+                _print_tail(log_path, rc)
+
+
+def _print_tail(log_path: Path, rc: int, lines: int = 12) -> None:
+    """Why the SuperNode stopped: the end of its log, which the console did not show."""
+    tail = log_path.read_text(errors="replace").splitlines()[-lines:]
+    print(f"fedtune client: the SuperNode exited with code {rc}; the end of {log_path}:", file=sys.stderr)
+    for line in tail:
+        print(f"  {line}", file=sys.stderr)

@@ -1,0 +1,126 @@
+"""The site agent's console: one line per round from the site's side, what it spent (from its
+own privacy ledger) and what it sent (from ``traffic.jsonl``, written by the ClientApp's
+``traffic_mod``), read from the site's state folder while the SuperNode runs."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from pathlib import Path
+from typing import Optional, TextIO
+
+from fedtune.client.traffic import TRAFFIC_FILE
+
+EVALUATE = "evaluate"
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    lines = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def spent(ledger_path: Path, rnd: int, since: int = 0) -> Optional[dict]:
+    """What the ledger says about round ``rnd`` among the entries after the first ``since``:
+    that round's noise and steps, epsilon over its run so far and over every run on the same data
+    (recomputed from the entries, as the site's own accountant does)."""
+    from fedtune.privacy.accounting import compute_epsilon
+    from fedtune.privacy.ledger import PrivacyLedger
+
+    entries = PrivacyLedger(ledger_path).entries()
+    matches = [e for e in entries[since:] if e.round == rnd]
+    if not matches:
+        return None
+    last = matches[-1]
+    upto = entries[: entries.index(last) + 1]
+    run = [e for e in upto if e.run_id == last.run_id and e.dataset == last.dataset]
+    lifetime = [e for e in upto if e.dataset == last.dataset]
+
+    def eps(items):
+        return compute_epsilon([(e.noise_multiplier, e.sample_rate, e.steps) for e in items], last.delta,
+                               last.accountant)
+
+    return {"steps": last.steps, "noise": last.noise_multiplier, "epsilon_run": eps(run),
+            "epsilon_lifetime": eps(lifetime), "delta": last.delta}
+
+
+def format_site_round(site: str, rnd: str, messages: list[dict], ledger: Optional[dict]) -> str:
+    sent = sum(m.get("bytes_out", 0) for m in messages) / 1e6
+    received = sum(m.get("bytes_in", 0) for m in messages) / 1e6
+    errors = [m["error"] for m in messages if m.get("error")]
+    parts = [f"{site} round {rnd}:"]
+    if ledger:
+        parts.append(f"trained {ledger['steps']} steps at noise {ledger['noise']:.2f}, epsilon "
+                     f"{ledger['epsilon_run']:.2f} this run ({ledger['epsilon_lifetime']:.2f} lifetime, delta "
+                     f"{ledger['delta']:g});")
+    elif errors:
+        parts.append(f"refused or failed ({errors[0][:160]});")
+    else:
+        parts.append("evaluated only (not sampled to train);")
+    parts.append(f"sent {sent:.2f} MB, received {received:.2f} MB")
+    return " ".join(parts)
+
+
+class SiteRoundView:
+    """Prints a round's line once the round is over for this site: its evaluate reply is sent,
+    or a message of a later round (or another run) arrives; the rest when it stops."""
+
+    def __init__(self, site: str, state_dir: Path, stream: TextIO = sys.stdout, interval: float = 1.0):
+        self.site, self.state, self.stream, self.interval = site, Path(state_dir), stream, interval
+        self.seen = len(_read_jsonl(self.state / TRAFFIC_FILE))  # earlier runs' traffic is not shown
+        self.ledger_start = self._ledger_count()
+        self.pending: dict[tuple, list[dict]] = {}
+        self.printed: set[tuple] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="fedtune-site-view", daemon=True)
+
+    def start(self) -> "SiteRoundView":
+        self._thread.start()
+        return self
+
+    def poll(self, final: bool = False) -> None:
+        entries = _read_jsonl(self.state / TRAFFIC_FILE)
+        for entry in entries[self.seen:]:
+            key = (entry.get("run_id"), str(entry.get("round")))
+            for other in [k for k in self.pending if k != key]:  # a new round: the earlier ones are over
+                self._emit(other)
+            self.pending.setdefault(key, []).append(entry)
+            if entry.get("type") == EVALUATE:
+                self._emit(key)
+        self.seen = len(entries)
+        if final:
+            for key in list(self.pending):
+                self._emit(key)
+
+    def _emit(self, key: tuple) -> None:
+        messages = self.pending.pop(key)
+        _, rnd = key
+        ledger = None
+        try:
+            ledger = spent(self.state / "privacy-ledger.jsonl", int(rnd), self.ledger_start)
+        except Exception as exc:  # noqa: BLE001 - a broken ledger is reported, the agent goes on
+            messages = [*messages, {"error": f"privacy ledger unreadable: {exc}"}]
+        print(format_site_round(self.site, rnd, messages, ledger), file=self.stream, flush=True)
+
+    def _ledger_count(self) -> int:
+        path = self.state / "privacy-ledger.jsonl"
+        return len(path.read_text(encoding="utf-8").splitlines()) if path.is_file() else 0
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.poll()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.poll(final=True)
