@@ -59,7 +59,8 @@ secure_aggregation = true
     # The same run from a hostile coordinator: a noise multiplier of 0.05 (epsilon in the
     # thousands). Each site must refuse it or stay within its own budget.
     hostile = root / "hostile.toml"
-    hostile.write_text(config.read_text().replace("target_epsilon = 8.0", "target_epsilon = 8.0\nnoise_multiplier = 0.05"))
+    hostile.write_text(config.read_text().replace("target_epsilon = 8.0", "target_epsilon = 8.0\nnoise_multiplier = 0.05")
+                       .replace("rounds = 2", "rounds = 1"))
     return {"root": root, "certs": certs, "rogue": CertPaths(rogue).site_key("rogue"), "data": data, "config": config,
             "hostile": hostile}
 
@@ -176,7 +177,7 @@ def test_two_sites_run_a_dp_secagg_federation_over_tls(federation, procs, tmp_pa
     hostile_out = tmp_path / "hostile"
     submit = procs.start("submit", fedtune_cmd("submit", "--config", fed["hostile"], "--out", hostile_out,
                                                "--state-dir", coordinator_state))
-    procs.wait(submit, 400)
+    procs.wait(submit, 600)
     hostile_rounds = [json.loads(line) for line in (hostile_out / "metrics.jsonl").read_text().splitlines()]
     assert len(hostile_rounds) > 1 and all(r["sites"] == {} for r in hostile_rounds)  # no site trained
     assert _ledger_epsilon(state["site-a"]) <= 2.0 + 1e-6
