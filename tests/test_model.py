@@ -40,8 +40,8 @@ def test_unknown_model_folder_is_a_clear_error(tmp_path):
         load_tokenizer(cfg.model)
 
 
-def test_bad_target_modules_are_a_clear_error(tiny_models):
-    cfg = tiny_config(tiny_models["bert"], overrides=['lora.target_modules=["nonexistent_proj"]'])
+def test_bad_target_modules_are_a_clear_error(tiny_models, separable_files):
+    cfg = tiny_config(tiny_models["bert"], separable_files["train"], overrides=['lora.target_modules=["nonexistent_proj"]'])
     with pytest.raises(ModelLoadError, match="lora.target_modules"):
         prepare_site(cfg)
 
