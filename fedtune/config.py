@@ -31,6 +31,12 @@ class ModelConfig(_Section):
     name: str = BUNDLED_MODEL
     task: Literal["sequence-classification", "causal-lm"] = "sequence-classification"
     max_length: int = Field(128, ge=8, le=8192)
+    # Sequence classification: what the head reads. "mean": the mean of the last hidden states
+    # over real tokens (how sentence-embedding checkpoints such as all-MiniLM-L6-v2 were
+    # trained; under DP it learns far faster, see simulations/RESULTS.md); "cls": the
+    # architecture's own pooler (BERT: CLS token through a dense layer); "auto": mean where the
+    # encoder has a pooler to replace (BERT-like), else the architecture's own head.
+    pooling: Literal["auto", "mean", "cls"] = "auto"
 
 
 class LoraConfig(_Section):
