@@ -6,6 +6,7 @@ global adapter arrays into it.
 
 from __future__ import annotations
 
+import logging
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from fedtune.local import Site, seed_everything
 from fedtune.model import build_model, load_tokenizer, resolve_device
 from fedtune.privacy.ledger import dataset_fingerprint
 from fedtune.training.precision import resolve_precision
+from fedtune.training.auto import resolve_train
 from fedtune.training.trainer import dp_sample_rate, steps_per_epoch
 
 from .settings import SiteSettings
@@ -45,6 +47,8 @@ class SiteRuntime(Site):
     def sample_rate(self) -> float:
         return dp_sample_rate(self.num_train, self.cfg.train.batch_size)
 
+
+log = logging.getLogger(__name__)
 
 _CACHE: dict[tuple, SiteRuntime] = {}
 
@@ -107,6 +111,18 @@ def _build(config_toml: str, settings: SiteSettings) -> SiteRuntime:
         label_map=label_map,
         reports={"train": CleaningReport(rows_read=len(rows), rows_kept=len(rows))},
     )
+    # train.batch_size / learning_rate = "auto": derived here, from this site's rows and its own
+    # privacy budget, before anything (steps per round, sample rate, noise) depends on them.
+    from .budget import site_privacy
+
+    privacy = site_privacy(cfg, settings)[0]
+    resolved = resolve_train(cfg.train, len(data.train), privacy, cfg.federation.rounds)
+    cfg = cfg.model_copy(update={"train": resolved.train})
+    if privacy.enabled:  # the site's own warning when its rows leave too little signal
+        from fedtune.privacy.plan import plan_site
+
+        for warning in plan_site(cfg.model_copy(update={"privacy": privacy}), settings.site_id, len(data.train)).warnings:
+            log.warning("%s", warning)
     id2label = dict(enumerate(label_map.labels)) if label_map is not None else None
     model = build_model(cfg.model, cfg.lora, tokenizer, id2label, device, cfg.train.seed)
     return SiteRuntime(cfg, data, model, pad_collate(tokenizer.pad_token_id), device, precision, settings, fingerprint)
