@@ -34,7 +34,7 @@ test-fast: install
 demo-local: install
 	$(BIN)/fedtune train-local --config simulations/demo.toml --out runs/demo-local
 
-# Benchmarks (simulations/RESULTS.md): about 35 minutes on 2 CPU cores; bench-full: hours.
+# Benchmarks (simulations/RESULTS.md): about 15 minutes plus the utility grid (estimated ~2 h, not yet timed) on 2 CPU cores; bench-full: more.
 bench: install
 	$(BIN)/python -m simulations.benchmarks.run_all
 

@@ -25,6 +25,7 @@ from fedtune.local import Site, seed_everything
 from fedtune.model import build_model, load_tokenizer, resolve_device
 from fedtune.privacy.ledger import dataset_fingerprint
 from fedtune.training.precision import resolve_precision
+from fedtune.training.auto import resolve_train
 from fedtune.training.trainer import dp_sample_rate, steps_per_epoch
 
 from .settings import SiteSettings
@@ -54,6 +55,7 @@ class SiteRuntime(Site):
 
     def sample_rate(self) -> float:
         return dp_sample_rate(self.num_train, self.cfg.train.batch_size)
+
 
 
 _CACHE: dict[tuple, SiteRuntime] = {}
@@ -155,6 +157,24 @@ def _build(config_toml: str, settings: SiteSettings, state_folder: Optional[Path
         reports={"train": CleaningReport(rows_read=len(rows), rows_kept=len(rows))},
     )
     _warn_about_delta(cfg, settings, len(data.train))
+    # train.batch_size / learning_rate = "auto": derived here, from this site's rows and its own
+    # privacy terms (client/policy.py), before anything (steps per round, sample rate, noise)
+    # depends on them. A run the site refuses is refused in fit(), with the ledger at hand.
+    from .policy import BudgetRefusal, run_terms, site_policy
+
+    try:
+        privacy = run_terms(site_policy(settings, cfg), cfg.privacy, len(data.train),
+                            settings.site_id).privacy_config(cfg.privacy)
+    except BudgetRefusal:
+        privacy = cfg.privacy
+    resolved = resolve_train(cfg.train, len(data.train), privacy, cfg.federation.rounds)
+    cfg = cfg.model_copy(update={"train": resolved.train})
+    if privacy.enabled:  # the site's own warning when its rows leave too little signal
+        from fedtune.privacy.plan import plan_site
+
+        site_cfg = cfg.model_copy(update={"privacy": privacy})
+        for warning in plan_site(site_cfg, settings.site_id, len(data.train)).warnings:
+            log.warning("%s", warning)
     id2label = dict(enumerate(label_map.labels)) if label_map is not None else None
     model = build_model(cfg.model, cfg.lora, tokenizer, id2label, device, cfg.train.seed)
     return SiteRuntime(cfg, data, model, pad_collate(tokenizer.pad_token_id), device, precision, settings, fingerprint,

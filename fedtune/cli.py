@@ -154,27 +154,16 @@ def _cmd_simulate(args) -> int:
     return 3 if ended == "interrupted" else 4 if ended.startswith("stopped") else 0
 
 
-def _site_sizes(cfg) -> list[tuple[str, int]]:
-    from fedtune.federation.dataset import federated_rows, site_id
-
-    fraction = cfg.federation.site_test_fraction
-    sizes = []
-    for i, rows in enumerate(federated_rows(cfg).sites):
-        held = max(1, round(len(rows) * fraction)) if fraction > 0 and len(rows) >= 2 else 0
-        sizes.append((site_id(i), len(rows) - held))
-    return sizes
-
-
 def _cmd_privacy_plan(args) -> int:
-    from fedtune.privacy.plan import format_plans, plan_site
+    from fedtune.privacy.plan import format_plans, plan_sites, simulated_site_sizes
 
     cfg = _load(args)
     if args.examples:
         sizes = [(f"site-{i}", int(n)) for i, n in enumerate(args.examples.split(","))]
     else:
-        sizes = _site_sizes(cfg)
+        sizes = simulated_site_sizes(cfg)
     own = _site_privacy_file(args.site_settings) if args.site_settings else None
-    plans = [plan_site(cfg, site, n, own=own) for site, n in sizes]
+    plans = plan_sites(cfg, sizes, own=own)
     print(f"{cfg.federation.rounds} rounds x {cfg.train.epochs} local epochs, target epsilon "
           f"{cfg.privacy.target_epsilon:g} at delta {cfg.privacy.target_delta:g} ({cfg.privacy.accountant})")
     print(format_plans(plans))

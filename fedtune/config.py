@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 BUNDLED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -31,6 +31,12 @@ class ModelConfig(_Section):
     name: str = BUNDLED_MODEL
     task: Literal["sequence-classification", "causal-lm"] = "sequence-classification"
     max_length: int = Field(128, ge=8, le=8192)
+    # Sequence classification: what the head reads. "mean": the mean of the last hidden states
+    # over real tokens (how sentence-embedding checkpoints such as all-MiniLM-L6-v2 were
+    # trained; under DP it learns far faster, see simulations/RESULTS.md); "cls": the
+    # architecture's own pooler (BERT: CLS token through a dense layer); "auto": mean where the
+    # encoder has a pooler to replace (BERT-like), else the architecture's own head.
+    pooling: Literal["auto", "mean", "cls"] = "auto"
 
 
 class LoraConfig(_Section):
@@ -74,16 +80,35 @@ class DataConfig(_Section):
         return self
 
 
+def _auto_or(kind: type, bound: float, op: str):
+    """A before-validator for keys that take "auto" or a number: one clear message for both."""
+    words = {"ge": "greater than or equal to", "gt": "greater than"}[op]
+    noun = "a whole number" if kind is int else "a number"
+
+    def check(value: Any) -> Any:
+        if value == "auto":
+            return value
+        ok_type = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind is int and ok_type and float(value) != int(value):
+            ok_type = False
+        if not ok_type or (value < bound if op == "ge" else value <= bound):
+            raise ValueError(f"Input should be 'auto' or {noun} {words} {bound:g}")
+        return kind(value)
+
+    return check
+
+
 class TrainConfig(_Section):
     # With DP this is the expected (logical) batch under Poisson sampling; it is split into
-    # physical batches of at most physical_batch_size to bound memory.
-    # DP-SGD needs large batches and a high learning rate to lift the signal above the
-    # noise: these defaults reach ~95% on the demo at epsilon 8 (see README).
-    batch_size: int = Field(64, ge=1)
+    # physical batches of at most physical_batch_size to bound memory. "auto": each site
+    # derives it from its own rows and privacy budget (fedtune.training.auto; shown by
+    # `fedtune privacy plan`); a number is used as given.
+    batch_size: Annotated[Union[int, Literal["auto"]], BeforeValidator(_auto_or(int, 1, "ge"))] = "auto"
     physical_batch_size: int = Field(64, ge=1)
     eval_batch_size: int = Field(64, ge=1)
     epochs: int = Field(3, ge=1)
-    learning_rate: float = Field(1e-2, gt=0)
+    # "auto": 1e-2 with DP, 1e-3 without (AdamW; see fedtune.training.auto); or a number.
+    learning_rate: Annotated[Union[float, Literal["auto"]], BeforeValidator(_auto_or(float, 0, "gt"))] = "auto"
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"

@@ -20,6 +20,7 @@ from fedtune.evaluation import evaluate
 from fedtune.io_utils import atomic_replace_dir, atomic_write_json
 from fedtune.model import build_model, load_tokenizer, resolve_device
 from fedtune.privacy.accounting import AccountantHistory, PrivacySpend, calibrate_noise_multiplier
+from fedtune.training.auto import resolve_train
 from fedtune.training.precision import resolve_precision
 from fedtune.training.trainer import LocalTrainer, TrainResult, dp_sample_rate, steps_per_epoch
 
@@ -110,6 +111,12 @@ def run_train_local(cfg: FedTuneConfig, out_dir: Path) -> dict:
     started = time.perf_counter()
     site = prepare_site(cfg)
     n = len(site.data.train)
+    resolved = resolve_train(cfg.train, n, cfg.privacy)
+    if resolved.batch_auto or resolved.learning_rate_auto:
+        log.info("train auto: expected batch %d, learning rate %g for %d rows", resolved.train.batch_size,
+                 resolved.train.learning_rate, n)
+    cfg = cfg.model_copy(update={"train": resolved.train})
+    site.cfg = cfg
     for name, report in site.data.reports.items():
         log.info("%s data: %s", name, report.summary())
     total_steps = cfg.train.epochs * steps_per_epoch(n, cfg.train.batch_size)

@@ -103,9 +103,56 @@ def load_base_model(
     except OSError as exc:
         raise ModelLoadError(f"model.name = {cfg.name!r}: cannot load a model from {path!r}: {exc}") from None
     model.config.pad_token_id = tokenizer.pad_token_id
+    if cfg.task == "sequence-classification" and cfg.pooling != "cls":
+        if cfg.pooling == "mean" or has_pooler(model):
+            use_mean_pooling(model)
     # Move to the device before peft and Opacus add their modules and hooks
     # (hooks registered before the move were reported to leave LoRA unchanged on GPU).
     return model.to(device)
+
+
+class MaskedMeanPooler(torch.nn.Module):
+    """In place of BERT's pooler: the mean of the last hidden states over the real (unmasked)
+    tokens. The encoder's attention mask reaches it through a forward pre-hook on the encoder
+    (the pooler itself is only given the hidden states)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mask: Optional[torch.Tensor] = None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        mask, self.mask = self.mask, None
+        if mask is None or mask.shape[0] != hidden_states.shape[0]:
+            return hidden_states.mean(dim=1)
+        weights = mask[:, : hidden_states.shape[1]].unsqueeze(-1).to(hidden_states.dtype)
+        return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+def has_pooler(model: torch.nn.Module) -> bool:
+    encoder = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    return encoder is not None and isinstance(getattr(encoder, "pooler", None), torch.nn.Module)
+
+
+def use_mean_pooling(model: torch.nn.Module) -> None:
+    """Replace the encoder's pooler (BERT: CLS token -> dense -> tanh, a layer that a
+    mean-pooled sentence-embedding checkpoint never trained) with masked mean pooling."""
+    if not has_pooler(model):
+        raise ModelLoadError(
+            f"model.pooling = 'mean' needs an encoder with a pooler (BERT-like); "
+            f"{type(model).__name__} has none: use model.pooling = 'cls'"
+        )
+    encoder = getattr(model, model.base_model_prefix)
+    pooler = MaskedMeanPooler()
+    encoder.pooler = pooler
+
+    def capture_mask(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if mask is None and len(args) > 1:
+            mask = args[1]
+        pooler.mask = mask
+
+    encoder.register_forward_pre_hook(capture_mask, with_kwargs=True)
+    model.config.fedtune_pooling = "mean"  # recorded in a saved (merged) model's config.json
 
 
 def add_lora(model: torch.nn.Module, cfg: LoraConfig, task: str) -> PeftModel:

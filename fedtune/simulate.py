@@ -41,6 +41,7 @@ def simulate(
     from fedtune.server.coordinator import execute_run, prepare_run
 
     run = prepare_run(cfg, Path(out_dir), resume=resume, simulated=True, overrides=resume_overrides)
+    _log_site_plans(run.cfg)
     outcome: dict[str, str] = {}
     server_app = ServerApp()
 
@@ -100,3 +101,17 @@ def _start_ray(cpus: int, site_log: Path, verbose: bool) -> bool:
         },
     )
     return True
+
+
+def _log_site_plans(cfg: FedTuneConfig) -> None:
+    """The run header: what each simulated site will use (``auto`` resolved), its noise and
+    noise-to-signal per step, and a warning for a site too small to learn under DP."""
+    if not cfg.privacy.enabled:
+        return
+    from fedtune.privacy.plan import format_plans, plan_sites, simulated_site_sizes
+
+    plans = plan_sites(cfg, simulated_site_sizes(cfg))
+    log.info("privacy plan per site:\n%s", format_plans([p.model_copy(update={"warnings": []}) for p in plans]))
+    for plan in plans:
+        for warning in plan.warnings:
+            log.warning("%s", warning)

@@ -16,7 +16,7 @@ from fedtune.data.site import encode_rows
 from fedtune.evaluation import evaluate
 from fedtune.io_utils import atomic_replace_dir
 from fedtune.local import save_adapter, seed_everything
-from fedtune.model import build_model, load_tokenizer, resolve_device
+from fedtune.model import ModelLoadError, build_model, load_tokenizer, resolve_device
 
 
 class CentralEvaluator:
@@ -29,6 +29,12 @@ class CentralEvaluator:
         id2label = dict(enumerate(label_map.labels)) if label_map is not None else None
         # Same seed as every site: the classification head starts identical everywhere.
         self.model = build_model(cfg.model, cfg.lora, self.tokenizer, id2label, self.device, cfg.train.seed)
+        if cfg.federation.merge_final and getattr(self.model.config, "fedtune_pooling", None) == "mean":
+            # A plain transformers model has no masked mean pooling: its merged export would
+            # silently classify from the (untrained) CLS pooler. Refuse before round 1.
+            raise ModelLoadError("federation.merge_final = true needs model.pooling = 'cls': a merged plain "
+                                 "transformers model cannot carry the mean-pooling head (the PEFT adapter export "
+                                 "loads with fedtune's own model loader)")
         self.dataset = encode_rows(rows, columns, cfg.model.task, self.tokenizer, cfg.model.max_length, label_map,
                                    source)
         self.collate = pad_collate(self.tokenizer.pad_token_id)

@@ -10,6 +10,7 @@ from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy import FedAdam, FedAvg, FedProx
 
 from fedtune.config import FedTuneConfig
+from fedtune.training.auto import auto_learning_rate
 
 
 STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}
@@ -69,7 +70,10 @@ def make_strategy(cfg: FedTuneConfig, initial: list[np.ndarray], recorder):
     if fed.strategy == "fedprox":
         kwargs["proximal_mu"] = fed.proximal_mu
     if fed.strategy == "fedadam":
-        kwargs.update(eta=fed.server_learning_rate, eta_l=cfg.train.learning_rate, tau=1e-3)
+        # eta_l is only recorded by Flower's FedAdam (the sites' rates are their own).
+        lr = cfg.train.learning_rate
+        kwargs.update(eta=fed.server_learning_rate, eta_l=auto_learning_rate(cfg.privacy.enabled) if lr == "auto" else lr,
+                      tau=1e-3)
     strategy = RecordingStrategy(**kwargs)
     if fed.strategy == "fedadam" and recorder.run.optimizer:
         # Resume: FedAdam's moments and its full-precision weights, as checkpointed.

@@ -93,7 +93,12 @@ def test_utility_runs_federated_and_centralized_on_real_data(tmp_path):
     assert [x["round"] for x in fed["rounds"]] == [0, 1, 2]
     assert all(0 <= x["accuracy"] <= 1 and 0 <= x["f1"] <= 1 for x in fed["rounds"])
     assert 0 < fed["epsilon_spent"] <= 8.0 + 1e-6
-    assert (tmp_path / data["plots"][0]).stat().st_size > 10_000
+    assert len(fed["epsilon_per_site"]) == 3 and all(0 < e <= 8.0 + 1e-6 for e in fed["epsilon_per_site"].values())
+    dp = next(r for r in data["results"] if r["kind"] == "centralized" and r["dp"])
+    assert dp["epsilon_target"] == fed["epsilon_target"] == 8.0  # centralized DP at the federation's epsilon
+    assert fed["points_below_centralized_dp"] is not None
+    assert [p.rsplit("-", 1)[-1] for p in data["plots"]] == ["sst2.png", "epsilon.png"]
+    assert all((tmp_path / p).stat().st_size > 10_000 for p in data["plots"])
 
 
 def test_utility_skips_with_a_reason_without_the_data(tmp_path, monkeypatch):

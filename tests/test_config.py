@@ -89,7 +89,8 @@ def test_unknown_section_is_named():
     [
         ("train.precision=fp8", r"train.precision = 'fp8': Input should be 'auto', 'fp32', 'bf16' or 'fp16'"),
         ("privacy.accountant=gdp", r"privacy.accountant = 'gdp': Input should be 'prv' or 'rdp'"),
-        ("train.batch_size=0", r"train.batch_size = 0: Input should be greater than or equal to 1"),
+        ("train.batch_size=0", r"train.batch_size = 0: .*Input should be 'auto' or a whole number greater than or equal to 1"),
+        ("train.learning_rate=-1", r"train.learning_rate = -1: .*Input should be 'auto' or a number greater than 0"),
         ("lora.dropout=1.5", r"lora.dropout = 1.5: Input should be less than 1"),
         ("model.task=translation", r"model.task = 'translation'"),
     ],

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fedtune.config import load_config
+from fedtune.model import ModelLoadError
 from fedtune.server.checkpoints import load_latest, save_checkpoint
 from fedtune.server.coordinator import PreparedRun, RunRecorder, StopRun
 from fedtune.server.secagg import SecAggSettingsError, secagg_settings
@@ -111,9 +112,13 @@ def test_merged_export_is_a_plain_model_with_the_same_logits(tiny_models, separa
     from fedtune.federation.dataset import federated_rows
     from fedtune.server.central_eval import CentralEvaluator
 
-    cfg = load_config(None, [f'model.name="{tiny_models["bert"]}"', "model.max_length=24", "lora.r=4",
-                             f'data.train="{separable_files["train"]}"', "federation.partition=iid"])
-    rows = federated_rows(cfg)
+    sets = [f'model.name="{tiny_models["bert"]}"', "model.max_length=24", "lora.r=4",
+            f'data.train="{separable_files["train"]}"', "federation.partition=iid", "federation.merge_final=true"]
+    rows = federated_rows(load_config(None, sets))
+    # The default mean-pooling head cannot be carried by a plain transformers model: refused.
+    with pytest.raises(ModelLoadError, match="merge_final = true needs model.pooling = 'cls'"):
+        CentralEvaluator(load_config(None, sets), rows.central, rows.columns, rows.label_map, rows.central_source)
+    cfg = load_config(None, sets + ["model.pooling=cls"])
     ev = CentralEvaluator(cfg, rows.central, rows.columns, rows.label_map, rows.central_source)
     arrays = [a + 0.05 for a in ev.initial_arrays().values()]  # a non-trivial adapter
     ev.export_merged(arrays, tmp_path / "merged")

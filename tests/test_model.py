@@ -109,3 +109,37 @@ def test_saved_adapter_loads_with_peft_and_gives_identical_logits(tiny_models, s
         want = model(input_ids=batch[0], attention_mask=batch[1]).logits
         got = loaded(input_ids=batch[0], attention_mask=batch[1]).logits
     assert torch.equal(want, got)
+
+
+def test_mean_pooling_head_reads_the_masked_mean_of_the_last_hidden_states(tiny_models, separable_files):
+    from fedtune.model import MaskedMeanPooler
+
+    cfg = tiny_config(tiny_models["bert"], separable_files["train"])
+    assert cfg.model.pooling == "auto"
+    site = prepare_site(cfg)
+    model = site.model.eval()
+    bert = model.base_model.model.bert
+    assert isinstance(bert.pooler, MaskedMeanPooler)
+    ids, mask, _ = site.collate([site.data.train[i] for i in range(4)])
+    # Extra padding (masked out) must not change the logits: the mean is over real tokens only.
+    pad = torch.full((ids.shape[0], 5), site.model.config.pad_token_id, dtype=ids.dtype)
+    ids_padded, mask_padded = torch.cat([ids, pad], 1), torch.cat([mask, torch.zeros_like(pad)], 1)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        logits_padded = model(input_ids=ids_padded, attention_mask=mask_padded).logits
+        hidden = bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        m = mask.unsqueeze(-1).float()
+        by_hand = model.base_model.model.classifier((hidden * m).sum(1) / m.sum(1))
+    torch.testing.assert_close(logits, logits_padded, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, by_hand, rtol=1e-5, atol=1e-5)
+
+
+def test_pooling_cls_keeps_the_architectures_pooler_and_mean_needs_one(tiny_models, separable_files):
+    from transformers.models.bert.modeling_bert import BertPooler
+
+    site = prepare_site(tiny_config(tiny_models["bert"], separable_files["train"], overrides=["model.pooling=cls"]))
+    assert isinstance(site.model.base_model.model.bert.pooler, BertPooler)
+    # auto on an architecture without a pooler (GPT-2 reads its last token): its own head.
+    prepare_site(tiny_config(tiny_models["gpt2"], separable_files["train"]))
+    with pytest.raises(ModelLoadError, match="model.pooling = 'mean'"):
+        prepare_site(tiny_config(tiny_models["gpt2"], separable_files["train"], overrides=["model.pooling=mean"]))

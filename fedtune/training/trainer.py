@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from fedtune.adapters import trainable_parameters, unwrap
 from fedtune.config import PrivacyConfig, TrainConfig
 from fedtune.privacy.accounting import AccountantHistory
+from fedtune.training.auto import AUTO, dp_sample_rate, steps_per_epoch  # noqa: F401 (re-exported)
 from fedtune.training.losses import batch_loss
 from fedtune.training.precision import PerSampleLossScaler, autocast
 from fedtune.training.schedule import warmup_cosine
@@ -49,16 +50,6 @@ class TrainResult:
         return self.history.epsilon(delta) if self.history is not None else math.inf
 
 
-def steps_per_epoch(num_examples: int, batch_size: int) -> int:
-    return max(1, math.ceil(num_examples / batch_size))
-
-
-def dp_sample_rate(num_examples: int, batch_size: int) -> float:
-    """Poisson sampling rate exactly as Opacus sets it (1 / batches per epoch), so that
-    calibration and accounting use the same number."""
-    return 1.0 / steps_per_epoch(num_examples, batch_size)
-
-
 class LocalTrainer:
     """Trains the trainable tensors of a peft model on one site's dataset."""
 
@@ -80,6 +71,9 @@ class LocalTrainer:
     ):
         if len(dataset) == 0:
             raise ValueError("cannot train on an empty dataset")
+        if AUTO in (train_cfg.batch_size, train_cfg.learning_rate):
+            raise ValueError("train.batch_size / learning_rate = 'auto' must be resolved for the site first "
+                             "(fedtune.training.auto.resolve_train)")
         self.task = task
         self.cfg = train_cfg
         self.privacy = privacy_cfg
