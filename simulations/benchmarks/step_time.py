@@ -54,7 +54,8 @@ def _trainer(model: str, mode: str, precision: str, batch, device):
     dp = mode != "none"
     cfg = config(model, [f"privacy.enabled={'true' if dp else 'false'}",
                          f"privacy.grad_sample_mode={mode if dp else 'hooks'}",
-                         f"train.batch_size={batch[0].shape[0]}", f"train.precision={precision}"])
+                         f"train.batch_size={batch[0].shape[0]}", "train.learning_rate=1e-3",
+                         f"train.precision={precision}"])
     net = build_model(cfg.model, cfg.lora, load_tokenizer(cfg.model), {0: "neg", 1: "pos"}, device, seed=0)
     # The loader is never iterated (every step gets the same fixed batch); Opacus only needs it
     # to set up Poisson sampling and the noise scale.
