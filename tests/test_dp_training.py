@@ -116,7 +116,8 @@ def test_every_lora_tensor_moves_and_frozen_base_is_bit_identical(tiny_models, s
 
 
 def test_reported_epsilon_is_at_most_and_close_to_target(tiny_models, separable_files):
-    cfg = tiny_config(tiny_models["bert"], separable_files["train"], overrides=["privacy.target_epsilon=3.0"])
+    cfg = tiny_config(tiny_models["bert"], separable_files["train"],
+                      overrides=["privacy.target_epsilon=3.0", "train.learning_rate=1e-2"])
     site = prepare_site(cfg)
     n = len(site.data.train)
     steps = 2 * steps_per_epoch(n, cfg.train.batch_size)
@@ -131,7 +132,8 @@ def test_reported_epsilon_is_at_most_and_close_to_target(tiny_models, separable_
 
 
 def test_restored_history_composes_like_one_long_run(tiny_models, separable_files):
-    cfg = tiny_config(tiny_models["bert"], separable_files["train"], overrides=["privacy.accountant=rdp"])
+    cfg = tiny_config(tiny_models["bert"], separable_files["train"],
+                      overrides=["privacy.accountant=rdp", "train.learning_rate=1e-2"])
     site = prepare_site(cfg)
     history = None
     for _ in range(3):  # three "rounds", each a fresh trainer (as a fresh ClientApp process would be)
@@ -168,7 +170,7 @@ def test_no_noise_means_infinite_epsilon():
 
 
 def test_empty_poisson_batch_takes_a_noise_only_step(tiny_models, separable_files):
-    cfg = tiny_config(tiny_models["bert"], separable_files["train"])
+    cfg = tiny_config(tiny_models["bert"], separable_files["train"], overrides=["train.learning_rate=1e-2"])
     site = prepare_site(cfg)
     trainer = LocalTrainer(site.model, site.data.train, site.collate, cfg.model.task, cfg.train, cfg.privacy,
                            site.device, "fp32", noise_multiplier=1.0)
@@ -217,7 +219,7 @@ def test_non_private_training_clips_and_learns(tiny_models, separable_files):
 
 def test_noise_is_not_reproducible_from_the_public_seed(tiny_models, separable_files):
     # Same config seed, same data, same batch: without a secret noise seed the noise differs.
-    cfg = tiny_config(tiny_models["bert"], separable_files["train"])
+    cfg = tiny_config(tiny_models["bert"], separable_files["train"], overrides=["train.learning_rate=1e-2"])
     updates = []
     for _ in range(2):
         site = prepare_site(cfg)

@@ -91,6 +91,8 @@ class SiteRoundView:
     def poll(self, final: bool = False) -> None:
         entries = _read_jsonl(self.state / TRAFFIC_FILE)
         for entry in entries[self.seen:]:
+            if not str(entry.get("round")).isdigit():  # not a round: the pre-flight's query
+                continue
             key = (entry.get("run_id"), str(entry.get("round")))
             for other in [k for k in self.pending if k != key]:  # a new round: the earlier ones are over
                 self._emit(other)
