@@ -332,7 +332,7 @@ join_timeout = 60.0
             "--data", data[site], "--state-dir", tmp_path / "state" / site, "--runtime-port", free_port()))
     # The third train message of round 1 (setup, key sharing, then training): site-c is training.
     deadline = time.monotonic() + 400
-    while procs.log(agents["site-c"]).count("Receiving: train message") < 3:
+    while _flower_log(tmp_path / "state" / "site-c").count("Receiving: train message") < 3:
         assert time.monotonic() < deadline and server.poll() is None, procs.log(server)[-3000:]
         time.sleep(0.5)
     time.sleep(6)  # its ClientApp process has started and is loading or training
