@@ -15,6 +15,7 @@ def tiny_config(model_dir: Path, train_file: Path | None = None, eval_file: Path
         "lora.dropout=0.0",
         "train.progress=false",
         "train.batch_size=16",
+        "train.learning_rate=1e-2",  # tests that exercise "auto" ask for it
         "train.physical_batch_size=64",
     ]
     if train_file is not None:

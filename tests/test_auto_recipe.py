@@ -61,7 +61,7 @@ def test_trainer_refuses_an_unresolved_auto(tiny_models, separable_files):
     from fedtune.local import prepare_site
     from tests.helpers import tiny_config
 
-    cfg = tiny_config(tiny_models["bert"], separable_files["train"], overrides=['train.batch_size="auto"'])
+    cfg = tiny_config(tiny_models["bert"], separable_files["train"], overrides=['train.batch_size="auto"', 'train.learning_rate="auto"'])
     site = prepare_site(cfg)
     with pytest.raises(ValueError, match="resolved for the site"):
         LocalTrainer(site.model, site.data.train, site.collate, cfg.model.task, cfg.train, cfg.privacy,
