@@ -88,7 +88,7 @@ def test_a_site_at_its_limit_refuses_and_the_run_goes_on(tiny_models, four_sites
     assert "site-3: refused (privacy budget)" in records[1]["failure_reasons"]
     coordinator_side = "".join(p.read_text() for p in (out / "metrics.jsonl", out / "privacy.json", out / "privacy.md"))
     assert "maximum" not in coordinator_side and "noise multiplier" not in records[1]["failure_reasons"][0]
-    assert "above this site's maximum" in (state / "site-3" / "site.log").read_text()
+    assert "this site's maximum" in (state / "site-3" / "site.log").read_text()
 
 
 @pytest.mark.slow
