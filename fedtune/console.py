@@ -76,19 +76,43 @@ class RoundProgress:
         self.bar.close()
 
 
-class MetricsFollower:
+class BackgroundPoller:
+    """Calls ``poll()`` every ``interval`` seconds in a daemon thread; ``stop()`` ends the thread
+    and polls once more (``final_poll``) for what was written just before."""
+
+    def __init__(self, interval: float, name: str):
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def poll(self) -> None:
+        raise NotImplementedError
+
+    def final_poll(self) -> None:
+        self.poll()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.poll()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.final_poll()
+
+
+class MetricsFollower(BackgroundPoller):
     """Reads new lines of a run's metrics.jsonl in a background thread and hands each record to
     ``on_record`` (tolerates a file that does not exist yet or is truncated on resume)."""
 
     def __init__(self, path: Path, on_record: Callable[[dict], None], interval: float = 0.5):
-        self.path, self.on_record, self.interval = Path(path), on_record, interval
+        super().__init__(interval, "fedtune-metrics")
+        self.path, self.on_record = Path(path), on_record
         self.seen = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="fedtune-metrics", daemon=True)
-
-    def start(self) -> "MetricsFollower":
-        self._thread.start()
-        return self
 
     def poll(self) -> None:
         try:
@@ -106,15 +130,6 @@ class MetricsFollower:
             except json.JSONDecodeError:
                 continue
             self.on_record(record)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.poll()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.poll()  # the last round, written just before the run ended
 
 
 class RunView:

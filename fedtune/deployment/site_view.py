@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
 from pathlib import Path
 from typing import Optional, TextIO
 
 from fedtune.client.traffic import TRAFFIC_FILE
+from fedtune.console import BackgroundPoller
 
 EVALUATE = "evaluate"
 
@@ -71,22 +71,17 @@ def format_site_round(site: str, rnd: str, messages: list[dict], ledger: Optiona
     return " ".join(parts)
 
 
-class SiteRoundView:
+class SiteRoundView(BackgroundPoller):
     """Prints a round's line once the round is over for this site: its evaluate reply is sent,
     or a message of a later round (or another run) arrives; the rest when it stops."""
 
     def __init__(self, site: str, state_dir: Path, stream: TextIO = sys.stdout, interval: float = 1.0):
-        self.site, self.state, self.stream, self.interval = site, Path(state_dir), stream, interval
+        super().__init__(interval, "fedtune-site-view")
+        self.site, self.state, self.stream = site, Path(state_dir), stream
         self.seen = len(_read_jsonl(self.state / TRAFFIC_FILE))  # earlier runs' traffic is not shown
         self.ledger_start = self._ledger_count()
         self.pending: dict[tuple, list[dict]] = {}
         self.printed: set[tuple] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="fedtune-site-view", daemon=True)
-
-    def start(self) -> "SiteRoundView":
-        self._thread.start()
-        return self
 
     def poll(self, final: bool = False) -> None:
         entries = _read_jsonl(self.state / TRAFFIC_FILE)
@@ -118,11 +113,5 @@ class SiteRoundView:
         path = self.state / "privacy-ledger.jsonl"
         return len(path.read_text(encoding="utf-8").splitlines()) if path.is_file() else 0
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.poll()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
+    def final_poll(self) -> None:
         self.poll(final=True)
