@@ -113,16 +113,6 @@ def _site_rows(cfg: FedTuneConfig, settings: SiteSettings, config_toml: str,
     return rows, str(path), units
 
 
-def _warn_about_delta(cfg: FedTuneConfig, settings: SiteSettings, rows: int) -> None:
-    """Loudly, before training: a delta of 1/N or more lets a "DP" mechanism leak whole rows."""
-    from fedtune.privacy.plan import delta_warning
-
-    delta = min(d for d in (cfg.privacy.target_delta, settings.target_delta) if d is not None)
-    warning = delta_warning(delta, rows) if cfg.privacy.enabled else None
-    if warning:
-        log.warning("%s: %s", settings.site_id, warning)
-
-
 def _report_duplicates(rows: pd.DataFrame, cols: list[str], dropped: int, site_id: str) -> None:
     """Before training, without an identifier column: say how many rows repeat others."""
     report = duplicate_report(rows, cols)
@@ -156,7 +146,6 @@ def _build(config_toml: str, settings: SiteSettings, state_folder: Optional[Path
         label_map=label_map,
         reports={"train": CleaningReport(rows_read=len(rows), rows_kept=len(rows))},
     )
-    _warn_about_delta(cfg, settings, len(data.train))
     # train.batch_size / learning_rate = "auto": derived here, from this site's rows and its own
     # privacy terms (client/policy.py), before anything (steps per round, sample rate, noise)
     # depends on them. A run the site refuses is refused in fit(), with the ledger at hand.
@@ -165,7 +154,8 @@ def _build(config_toml: str, settings: SiteSettings, state_folder: Optional[Path
     try:
         privacy = run_terms(site_policy(settings, cfg), cfg.privacy, len(data.train),
                             settings.site_id).privacy_config(cfg.privacy)
-    except BudgetRefusal:
+    except BudgetRefusal as refusal:  # said now, before training; fit() refuses with the ledger at hand
+        log.warning("%s", refusal)
         privacy = cfg.privacy
     resolved = resolve_train(cfg.train, len(data.train), privacy, cfg.federation.rounds)
     cfg = cfg.model_copy(update={"train": resolved.train})

@@ -104,18 +104,21 @@ def test_a_site_without_unit_column_reports_duplicates_before_training(tmp_path,
     assert units.units == 2 and len(kept) == 4 and "label" in kept.columns  # label is both unit and column
 
 
-def test_a_delta_at_or_above_one_over_n_is_warned_about_at_the_site(caplog):
-    from fedtune.client.runtime import _warn_about_delta
+def test_a_delta_at_or_above_one_over_n_is_said_at_the_site_before_training(tmp_path, caplog, tiny_models):
+    """The site's policy refuses such a delta (client/policy.py); building the site says so at
+    once in its log, and a site whose own delta is stricter hears nothing of it."""
+    from fedtune import tiny
+    from fedtune.client.runtime import _build
     from fedtune.client.settings import SiteSettings
-    from fedtune.config import load_config
+    from helpers import tiny_config
 
-    cfg = load_config(None, ["privacy.target_delta=0.01"])
-    site = SiteSettings.model_validate({"site-id": "s", "data-path": "x.csv"})
+    data = tiny.write_csv(tiny.separable_rows(100, seed=3), tmp_path / "site.csv")
+    toml = tiny_config(tiny_models["bert"], overrides=["privacy.target_delta=0.01", 'data.labels=["neg","pos"]',
+                                                       "federation.site_test_fraction=0.0"]).to_toml()
+    site = SiteSettings.model_validate({"site-id": "s", "data-path": str(data), "state-dir": str(tmp_path / "st")})
     with caplog.at_level("WARNING", logger="fedtune.client.site"):
-        _warn_about_delta(cfg, site, 50)  # 0.01 < 1/50
-        assert caplog.text == ""
-        _warn_about_delta(cfg, site, 100)  # 0.01 >= 1/100
-        assert "delta 0.01 is at least 1/N for N = 100" in caplog.text
+        _build(toml, site, tmp_path / "st")  # 0.01 >= 1/100
+        assert "delta 0.01 is at or above 1/N for this site's 100 rows" in caplog.text
         caplog.clear()
-        _warn_about_delta(cfg, site.model_copy(update={"target_delta": 1e-6}), 100)  # the site's own is stricter
-        assert caplog.text == ""
+        _build(toml, site.model_copy(update={"target_delta": 1e-6}), tmp_path / "st")  # the site's own is stricter
+        assert "1/N" not in caplog.text
