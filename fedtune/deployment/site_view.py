@@ -4,30 +4,23 @@ own privacy ledger) and what it sent (from ``traffic.jsonl``, written by the Cli
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Optional, TextIO
 
 from fedtune.client.traffic import TRAFFIC_FILE
 from fedtune.console import BackgroundPoller
+from fedtune.io_utils import read_jsonl
 
 EVALUATE = "evaluate"
 
 
 def _read_jsonl(path: Path) -> list[dict]:
+    """The traffic entries so far: none before the first, a torn last line left for the next poll."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return read_jsonl(path)
     except FileNotFoundError:
         return []
-    lines = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]
-    out = []
-    for line in lines:
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
 
 
 def spent(ledger_path: Path, rnd: int, since: int = 0) -> Optional[dict]:
