@@ -1,5 +1,8 @@
-"""Processes for the deployment tests: every process a test starts is stopped by it, with all
-its descendants (SuperLink -> flwr-serverapp, SuperNode -> flwr-clientapp), even on failure."""
+"""Processes for a deployment on 127.0.0.1 (the deployment tests and the deploy_load benchmark):
+every process started here is stopped, with all its descendants (SuperLink -> flwr-serverapp,
+SuperNode -> flwr-clientapp), even on failure. Each runs in its own process group under
+fedtune's guard (fedtune/deployment/guard.py), which stops the group if the test or benchmark
+that started it dies outright (kill -9, a CI timeout) before it could stop them."""
 
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ import time
 from pathlib import Path
 
 import psutil
+
+from fedtune.deployment import processes
 
 
 def free_port() -> int:
@@ -31,9 +36,11 @@ class Processes:
         self.family: set[int] = set()
 
     def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        """``cmd`` with its output in LOG_DIR/NAME.log; the Popen is its guard, which exits with
+        ``cmd``'s status."""
         log = self.log_dir / f"{name}.log"
-        proc = subprocess.Popen(cmd, env=self.env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                                start_new_session=True, cwd=self.cwd)
+        with open(log, "wb") as out:
+            proc = processes.start([str(c) for c in cmd], self.env, stdout=out, stderr=subprocess.STDOUT, cwd=self.cwd)
         self.started.append((proc, log))
         return proc
 
