@@ -1,7 +1,7 @@
 """Every benchmark, one after another (never two Ray simulations at once), then a summary of all
 their tables in simulations/results/summary-<size>.md.
 
-    python -m simulations.benchmarks.run_all           # default size: the other benchmarks ~15 min; utility (issue 10 grid) not yet timed, estimated ~2 h on 2 CPU cores
+    python -m simulations.benchmarks.run_all           # default size: the other benchmarks ~15 min, deploy_load ~35 min (loaded machine); utility (issue 10 grid) not yet timed, estimated ~2 h on 2 CPU cores
     python -m simulations.benchmarks.run_all --full    # the whole grid, more rows (hours on a CPU)
     python -m simulations.benchmarks.run_all --tiny    # tiny random model, a few steps: what CI runs
 """
