@@ -479,6 +479,7 @@ def execute_run(grid, context, run: PreparedRun, stop_after_round: Optional[int]
         recorder.roster.client_manager = manager
         ctx = LegacyContext(context=context, config=ServerConfig(num_rounds=remaining), strategy=strategy,
                             client_manager=manager)
+
         def fit_workflow(grid_, context_):  # plain FedAvg: one fit stage
             recorder.mark_stage("fit")
             default_fit_workflow(grid_, context_)
