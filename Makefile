@@ -34,7 +34,8 @@ test-fast: install
 demo-local: install
 	$(BIN)/fedtune train-local --config simulations/demo.toml --out runs/demo-local
 
-# Benchmarks (simulations/RESULTS.md): about 15 minutes plus the utility grid (estimated ~2 h, not yet timed) on 2 CPU cores; bench-full: more.
+# Benchmarks (simulations/RESULTS.md): about 15 minutes, plus deploy_load (35 min measured on 2 heavily shared
+# CPU cores; less on an idle machine) and the utility grid (estimated ~2 h, not yet timed); bench-full: more.
 bench: install
 	$(BIN)/python -m simulations.benchmarks.run_all
 

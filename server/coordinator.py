@@ -15,7 +15,7 @@ import numpy as np
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
-from flwr.server.workflow.default_workflows import default_evaluate_workflow
+from flwr.server.workflow.default_workflows import default_evaluate_workflow, default_fit_workflow
 
 from fedtune.config import FedTuneConfig, save_config
 from fedtune.data import LabelMap, read_table
@@ -174,6 +174,7 @@ class RunRecorder:
         self.privacy: dict = s.get("privacy", {})
         self.latest_arrays = self.run.initial
         self.round_started = time.perf_counter()
+        self.stage_marks: list[tuple[str, float]] = []
         self.failed_rounds = 0
 
     @property
@@ -212,6 +213,10 @@ class RunRecorder:
 
     # -- results ------------------------------------------------------------------------
 
+    def mark_stage(self, name: str) -> None:
+        """A stage of the round starts now; it lasts until the next one starts or the round ends."""
+        self.stage_marks.append((name, time.perf_counter()))
+
     def start_round(self, server_round: int) -> None:
         self.round_started = time.perf_counter()
         self.current = {"round": self.absolute(server_round), "sites": {}, "failures": 0, "failed": None,
@@ -239,6 +244,8 @@ class RunRecorder:
         self._count_failures(server_round, answered)
 
     def central_evaluate(self, server_round: int, arrays: list[np.ndarray], config: dict):
+        if server_round > 0:
+            self.mark_stage("central evaluation")
         self.latest_arrays = [np.asarray(a, dtype=np.float32) for a in arrays]
         metrics = self.run.evaluator.evaluate(self.latest_arrays)
         metrics.pop("examples", None)
@@ -359,6 +366,7 @@ class RunRecorder:
             "bytes_up": {self.node_site.get(n, str(n)): b for n, b in sorted(up.items())},
             "bytes_down": {self.node_site.get(n, str(n)): b for n, b in sorted(down.items())},
             "seconds": round(time.perf_counter() - self.round_started, 3),
+            "stage_seconds": self._stage_seconds(),
             "secagg_max_weight": self.run.secagg.max_weight if self.run.secagg else None,
         }
         self._write_record(record)
@@ -380,6 +388,14 @@ class RunRecorder:
             raise StopRun(f"stopped after round {rnd} (as asked)", interrupted=True)
 
     # -- bookkeeping ---------------------------------------------------------------------
+
+    def _stage_seconds(self) -> dict[str, float]:
+        """Seconds per stage of the round that ends now (SecAgg+: setup, key sharing, training,
+        unmasking; plain: fit; then central and federated evaluation), in order."""
+        ends = [t for _, t in self.stage_marks[1:]] + [time.perf_counter()]
+        stages = {name: round(end - start, 3) for (name, start), end in zip(self.stage_marks, ends)}
+        self.stage_marks = []
+        return stages
 
     def _metric(self) -> str:
         metric = self.cfg.federation.early_stopping_metric
@@ -463,17 +479,22 @@ def execute_run(grid, context, run: PreparedRun, stop_after_round: Optional[int]
         recorder.roster.client_manager = manager
         ctx = LegacyContext(context=context, config=ServerConfig(num_rounds=remaining), strategy=strategy,
                             client_manager=manager)
-        fit_workflow = None
+
+        def fit_workflow(grid_, context_):  # plain FedAvg: one fit stage
+            recorder.mark_stage("fit")
+            default_fit_workflow(grid_, context_)
+
         if run.secagg:
             settings = run.secagg.model_dump()
             settings["max_weight"] = settings["max_weight"] or 1.0  # deployed: set by the pre-flight
             fit_workflow = ResilientSecAggPlusWorkflow(
                 **settings, stage_timeout=fed.stage_timeout, train_timeout=fed.train_timeout,
-                on_halt=lambda reason, state: recorder.round_failed(
+                on_stage=recorder.mark_stage, on_halt=lambda reason, state: recorder.round_failed(
                     _current_round(ctx), reason, set(state.active_node_ids), list(state.legacy_results)))
             recorder.fit_workflow = fit_workflow
 
         def evaluate_and_record(grid_, context_):
+            recorder.mark_stage("federated evaluation")
             default_evaluate_workflow(grid_, context_)
             recorder.end_round(_current_round(context_))
 

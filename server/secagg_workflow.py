@@ -11,7 +11,7 @@ dies during training is unmasked with its neighbours' shares as the protocol int
 from __future__ import annotations
 
 from logging import INFO
-from typing import Callable
+from typing import Callable, Optional
 
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
@@ -23,10 +23,11 @@ class ResilientSecAggPlusWorkflow(SecAggPlusWorkflow):
     pre-flight, in configure_fit, which Flower's setup stage calls before it reads it)."""
 
     def __init__(self, *, stage_timeout: float, train_timeout: float, on_halt: Callable[[str, WorkflowState], None],
-                 **settings):
+                 on_stage: Optional[Callable[[str], None]] = None, **settings):
         super().__init__(timeout=stage_timeout, **settings)
         self.stage_timeout, self.train_timeout = stage_timeout, train_timeout
         self.on_halt = on_halt
+        self.on_stage = on_stage  # told each stage's name as it starts (the round's stage timings)
 
     def share_keys_stage(self, grid, context, state: WorkflowState) -> bool:
         ok = super().share_keys_stage(grid, context, state)
@@ -50,6 +51,8 @@ class ResilientSecAggPlusWorkflow(SecAggPlusWorkflow):
                   (self.unmask_stage, self.stage_timeout, "unmasking")]
         flwr_log(INFO, "Secure aggregation commencing.")
         for step, timeout, name in stages:
+            if self.on_stage is not None:
+                self.on_stage(name)
             self.timeout = timeout
             answered_before = len(state.active_node_ids)
             if not step(grid, context, state):

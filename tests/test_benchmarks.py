@@ -5,9 +5,10 @@ simulations/RESULTS.md, not here."""
 import json
 import math
 
+import psutil
 import pytest
 
-from simulations.benchmarks import run_all, scale, secagg_cost, step_time, traffic, utility
+from simulations.benchmarks import deploy_load, run_all, scale, secagg_cost, step_time, traffic, utility
 from simulations.benchmarks.common import SHARED_DATA, table
 from simulations.benchmarks.memory import PeakMemory
 
@@ -80,6 +81,34 @@ def test_scale_samples_sites_and_measures_peak_memory(tmp_path):
     # The whole tree (Ray's services and workers, each with torch loaded): far above 100 MiB.
     assert 100 * 2**20 < result["peak_rss_bytes"] < 24 * 2**30
     assert result["seconds_per_round"] > 0
+
+
+def _descendants() -> list[int]:
+    alive = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+@pytest.mark.slow
+def test_deploy_load_times_a_real_deployments_round_and_its_stages(tmp_path):
+    deploy_load.run("tiny", tmp_path)
+    data = _saved(tmp_path, "deploy_load")
+    (result,) = data["results"]
+    assert result["sites"] == 2 and len(result["round_seconds"]) == 1 and result["ratio_vs_fewest"] == 1.0
+    # The coordinator timed every SecAgg+ stage and both evaluations, in order; together they are the round.
+    stages = result["stage_seconds"]
+    assert list(stages) == deploy_load.STAGES and all(v > 0 for v in stages.values()), stages
+    assert sum(stages.values()) == pytest.approx(result["seconds_per_round"], rel=0.02)
+    assert result["run_wall_s"] > result["seconds_per_round"] and result["bytes_up_per_site"] > 0
+    # Coordinator, two site agents, their Flower processes: each with torch loaded.
+    assert 500 * 2**20 < result["peak_rss_bytes"] < 24 * 2**30
+    assert (tmp_path / data["plots"][0]).stat().st_size > 10_000
+    assert _descendants() == []  # every process of the deployment was stopped
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from fedtune import tiny
 from fedtune.deployment.certs import CertPaths, create_server_cert, create_site_key, init_certs
 from fedtune.deployment.flower import check_tls, flower_env, superlink_command, wait_for_port
 
-from deploy_helpers import Processes, fedtune_cmd, free_port
+from simulations.benchmarks.loopback import Processes, fedtune_cmd, free_port
 from helpers import library_lines
 
 pytestmark = pytest.mark.slow

@@ -81,6 +81,10 @@ def test_three_sites_two_rounds_with_secagg(tiny_models, site_files, tmp_path):
     assert all(changed), "every adapter tensor of the global model should have moved"
 
 
+STAGES = {True: ["setup", "key sharing", "training", "unmasking", "central evaluation", "federated evaluation"],
+          False: ["fit", "central evaluation", "federated evaluation"]}
+
+
 @pytest.mark.slow
 def test_secagg_aggregate_equals_plain_fedavg_without_noise(tiny_models, site_files, tmp_path):
     files, held = site_files
@@ -91,6 +95,10 @@ def test_secagg_aggregate_equals_plain_fedavg_without_noise(tiny_models, site_fi
         out = tmp_path / f"secure-{secure}"
         simulate(cfg, out, cpus=2)
         results[secure] = load_latest(out / "checkpoints")[1]
+        # The same runs: the round's time per stage, which together make up the round's time.
+        (record,) = read_records(out / "metrics.jsonl")[1:]
+        assert list(record["stage_seconds"]) == STAGES[secure]
+        assert sum(record["stage_seconds"].values()) == pytest.approx(record["seconds"], rel=0.02, abs=0.05)
     for name in results[True]:
         np.testing.assert_allclose(results[True][name], results[False][name], atol=1e-4, err_msg=name)
 

@@ -17,7 +17,7 @@ import pytest
 
 from fedtune import tiny
 
-from deploy_helpers import Processes, free_port
+from simulations.benchmarks.loopback import Processes, free_port
 from helpers import library_lines
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Per-round accuracy and macro-F1 curves of the utility benchmark (matplotlib PNG)."""
+"""The benchmarks' plots (matplotlib PNG): utility curves, deployed round time per site count."""
 
 from __future__ import annotations
 
@@ -62,6 +62,38 @@ def plot_utility(results: list[dict], dataset: str, path: Path) -> Path:
         ax.set_title(f"{dataset}: coordinator's evaluation, {'macro-F1' if metric == 'f1' else metric}")
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_round_time_vs_sites(results: list[dict], stages: list[str], path: Path) -> Path:
+    """deploy_load: the mean round wall time per number of deployed sites, split into the
+    coordinator's stages (stacked bars), with each round's own time as a dot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    x = list(range(len(results)))
+    bottom = [0.0] * len(results)
+    for stage in stages:
+        heights = [r["stage_seconds"].get(stage, 0.0) for r in results]
+        ax.bar(x, heights, bottom=bottom, width=0.6, label=stage)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    for i, r in enumerate(results):
+        ax.scatter([i] * len(r["round_seconds"]), r["round_seconds"], color="black", s=12, zorder=3,
+                   label="one round (total)" if i == 0 else None)
+        ax.annotate(f"x{r['ratio_vs_fewest']:.2f}", (i, max(r["round_seconds"])), textcoords="offset points",
+                    xytext=(0, 6), ha="center", fontsize=8)
+    ax.set_xticks(x, [str(r["sites"]) for r in results])
+    ax.set_xlabel("deployed sites on 127.0.0.1 (one machine)")
+    ax.set_ylabel("round wall time (s)")
+    ax.set_title("Round time per site count: TLS, DP-SGD, SecAgg+, tiny model", fontsize=10)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
