@@ -28,7 +28,7 @@ from .evaluation_policy import EvaluationAllowance
 from .policy import run_terms, site_policy
 from .replies import guarded, write_site_log
 from .runtime import SiteRuntime, site_runtime, state_dir
-from .secret import dp_seeds, site_key
+from .secret import dp_seeds, public_seeds, site_key
 from .settings import SiteSettings
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,10 @@ class SiteClient(NumPyClient):
         # Under the ledger's lock from the budget check to the ledger entry (see client/budget.py).
         with budget.round(instr.run_id, instr.round, instr.rounds, steps, site.sample_rate()) as grant:
             privacy = budget.terms.privacy_config(cfg.privacy)
-            seeds = dp_seeds(site_key(folder), instr.run_id, instr.round)  # fresh for every attempt
+            if privacy.enabled:  # secret and fresh for every attempt
+                seeds = dp_seeds(site_key(folder), instr.run_id, instr.round)
+            else:  # no DP (only where the site allows it): reproducible from the run's public seed
+                seeds = public_seeds(cfg.train.seed, self.settings.site_id, instr.round)
             torch.manual_seed(seeds.other)
             trainer = LocalTrainer(
                 site.model, site.data.train, site.collate, cfg.model.task, cfg.train, privacy,

@@ -6,6 +6,11 @@ fresh randomness. So each training attempt gets two seeds, for the sampler and f
 each derived with its own domain label from a random key only the site holds (kept in its state
 folder) and a fresh nonce from the OS's secure random source. Nothing the coordinator chooses
 (run id, round, the config's seed) can make two attempts draw the same values.
+
+A site that trains WITHOUT differential privacy (its own allow-non-private switch, a run with
+privacy.enabled = false) has nothing to keep secret: its seeds come from the run's public
+train.seed, the site's name and the round (``public_seeds``), so a round retrained after a
+coordinator restart, or the same run started twice, draws the same data order and the same update.
 """
 
 from __future__ import annotations
@@ -64,3 +69,15 @@ def dp_seeds(key: bytes, run_id: str, rnd: int) -> DPSeeds:
         return int.from_bytes(hmac.new(key, msg, hashlib.sha256).digest()[:8], "little") >> 1
 
     return DPSeeds(sample=derive("poisson-sample"), noise=derive("gaussian-noise"), other=derive("other"))
+
+
+def public_seeds(seed: int, site: str, rnd: int) -> DPSeeds:
+    """Reproducible seeds for training WITHOUT DP only: the same (train.seed, site, round) always
+    gives the same seeds, whatever the run id (a resumed run is a new Flower run). Nothing here is
+    secret: never use these where a sample or noise must be unpredictable."""
+
+    def derive(domain: str) -> int:
+        msg = f"fedtune-public/{domain}/{seed}/{site}/{rnd}".encode()
+        return int.from_bytes(hashlib.sha256(msg).digest()[:8], "little") >> 1
+
+    return DPSeeds(sample=derive("shuffle"), noise=derive("unused-noise"), other=derive("other"))

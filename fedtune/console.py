@@ -45,8 +45,11 @@ def format_round(record: dict, rounds: int) -> str:
     if isinstance(fed.get(fed_key), (int, float)):
         parts.append(f"fed {'ppl' if fed_key == 'perplexity' else 'acc'} {fed[fed_key]:.3f}")
     eps = [s["epsilon"] for s in (record.get("sites") or {}).values() if (s or {}).get("epsilon") is not None]
-    if eps:
-        lo, hi = f"{min(eps):.2f}", f"{max(eps):.2f}"
+    if eps:  # numbers, "inf" or "undefined (no DP)" (a site that trained without DP)
+        from fedtune.privacy.display import epsilon_number, format_epsilon, worst_epsilon
+
+        text = lambda v: f"{v:.2f}" if isinstance(v, (int, float)) else format_epsilon(v)  # noqa: E731
+        lo, hi = text(min(eps, key=epsilon_number)), text(worst_epsilon(eps))
         parts.append(f"eps {lo}-{hi}" if lo != hi else f"eps {hi}")
     if record.get("round", 0):
         parts.append(f"{_mb(record.get('bytes_up')) + _mb(record.get('bytes_down')):.1f} MB")

@@ -24,6 +24,11 @@ def test_a_round_line_has_central_and_federated_metrics_epsilon_range_traffic_an
     assert line == "round  2/10  acc 0.812  f1 0.800  loss 0.450  fed acc 0.750  eps 3.50-4.25  3.0 MB  12 s"
     assert format_round({"round": 0, "central": {"loss": 2.0, "perplexity": 7.4}, "sites": {}}, 3) == \
         "round 0/3  loss 2.000  ppl 7.400  (before training)"
+    # Sites that trained without DP, or past any finite bound (the coordinator's record of them).
+    no_dp = {**RECORD, "sites": {"site-0": {"epsilon": "undefined (no DP)"}, "site-1": {"epsilon": "undefined (no DP)"}}}
+    assert "  eps undefined (no DP)  3.0 MB" in format_round(no_dp, 10)
+    mixed = {**RECORD, "sites": {"site-0": {"epsilon": 3.5}, "site-1": {"epsilon": "inf"}}}
+    assert "  eps 3.50-inf  3.0 MB" in format_round(mixed, 10)
 
 
 def test_the_header_names_model_sites_rounds_privacy_and_run_folder(tmp_path):

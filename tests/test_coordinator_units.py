@@ -139,3 +139,22 @@ def test_a_user_set_threshold_at_the_share_count_is_refused_not_lowered():
     s = secagg_settings(_fed("federation.sites=5", "federation.secagg_num_shares=4",
                              "federation.secagg_reconstruction_threshold=3"), [np.zeros(3, np.float32)], 10)
     assert (s.num_shares, s.reconstruction_threshold) == (4, 3)
+
+
+def test_fraction_evaluate_zero_asks_no_site_to_evaluate():
+    """Federated evaluation off (the coordinator's central evaluation only): no evaluate message."""
+    from flwr.server.client_manager import SimpleClientManager
+
+    from fedtune.server.strategy import make_strategy
+
+    manager = SimpleClientManager()
+    for cid in ("1", "2"):
+        manager.register(SimpleNamespace(cid=cid, node_id=int(cid)))
+    recorder = SimpleNamespace(central_evaluate=None, fit_config=None, evaluate_config=lambda rnd: {},
+                               run=SimpleNamespace(optimizer={}))
+    asked = {}
+    for fraction in (1.0, 0.0):
+        cfg = load_config(None, [f"federation.fraction_evaluate={fraction}"])
+        strategy = make_strategy(cfg, [np.zeros(2, np.float32)], recorder)
+        asked[fraction] = strategy.configure_evaluate(1, strategy.initial_parameters, manager)
+    assert len(asked[1.0]) == 2 and asked[0.0] == []

@@ -233,6 +233,38 @@ def test_non_private_training_only_when_the_site_allows_it(tiny_models, data_fil
     assert site.epsilon() == float("inf")  # recorded: the ledger says this data has no guarantee left
 
 
+def test_non_private_training_is_reproducible_and_dp_training_is_not(tiny_models, data_file, tmp_path, trainings):
+    """Without DP (the site allows it) a round retrained, after a coordinator restart or in another
+    run with the same config, gives the same update: its seeds come from train.seed, the site and
+    the round, not the run id. With DP two trainings of the same round draw fresh seeds."""
+    off = Site(tiny_models["bert"], data_file, tmp_path / "off", **{"allow-non-private": True})
+    start = list(get_adapter_arrays(site_runtime(off.config().to_toml(), settings_from_node_config(off.node))
+                                    .model).values())
+
+    def train(site, run_id, *overrides):
+        runtime_module._CACHE.clear()  # a fresh ClientApp process, as after a restart
+        site.arrays = [a.copy() for a in start]
+        assert site.send(run_id, 2, 3, *overrides) == "trained"
+        return site.arrays, trainings[-1]._generator.initial_seed()
+
+    first, seed_1 = train(off, "run", "privacy.enabled=false")
+    assert any(np.abs(a - s).max() > 1e-4 for a, s in zip(first, start))  # it trained
+    for run_id in ("run", "another-run"):  # the round retrained after a restart; a second run
+        again, seed_2 = train(off, run_id, "privacy.enabled=false")
+        assert seed_2 == seed_1
+        for a, b in zip(first, again):
+            np.testing.assert_array_equal(a, b)
+    other, seed_3 = train(off, "another-seed", "privacy.enabled=false", "train.seed=1")
+    assert seed_3 != seed_1 and any(not np.array_equal(a, b) for a, b in zip(first, other))
+
+    on = Site(tiny_models["bert"], data_file, tmp_path / "on")
+    dp_1, dp_seed_1 = train(on, "private")
+    dp_2, dp_seed_2 = train(on, "private-again")
+    assert len({dp_seed_1, dp_seed_2, seed_1}) == 3
+    assert trainings[-1]._noise_seed != trainings[-2]._noise_seed
+    assert any(not np.array_equal(a, b) for a, b in zip(dp_1, dp_2))
+
+
 # -- randomness the accountant's assumptions hold for -------------------------------------------
 
 def test_poisson_sample_and_noise_come_from_independent_fresh_streams(site, monkeypatch):
