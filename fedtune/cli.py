@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="where to write the page (default: RUN_DIR/report.html)")
     p.set_defaults(func=_cmd_report)
 
-    from fedtune.deployment.cli import add_deployment_commands
+    from fedtune.deployment.commands import add_deployment_commands
 
     add_deployment_commands(sub)
     return parser

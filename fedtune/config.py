@@ -155,7 +155,7 @@ class FederationConfig(_Section):
     site_files: list[Path] = []                   # partition = "files": one data file per site
     site_test_fraction: float = Field(0.2, ge=0, lt=1)  # each site's local test split (federated eval)
     fraction_train: float = Field(1.0, gt=0, le=1)
-    # Share of sites asked to evaluate each round; 0: none (the coordinator's central evaluation only).
+    # Share of sites asked to evaluate each round; 0: no federated evaluation (central only).
     fraction_evaluate: float = Field(1.0, ge=0, le=1)
     strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
     proximal_mu: float = Field(0.01, ge=0)        # fedprox

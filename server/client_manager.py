@@ -11,10 +11,18 @@ from flwr.server.client_manager import SimpleClientManager
 
 
 class EligibleClientManager(SimpleClientManager):
-    def __init__(self, eligible: Callable[[int], bool], join_timeout: float):
+    def __init__(self, eligible: Callable[[int], bool], join_timeout: float,
+                 on_leave: Optional[Callable[[int], None]] = None):
         super().__init__()
         self._eligible = eligible
         self.join_timeout = join_timeout
+        self._on_leave = on_leave
+
+    def unregister(self, client) -> None:
+        """Flower's node poller calls this when a site's SuperNode goes offline (no heartbeat)."""
+        super().unregister(client)
+        if self._on_leave is not None:
+            self._on_leave(client.node_id)
 
     def _eligible_cids(self) -> list[str]:
         return [cid for cid, proxy in self.clients.items() if self._eligible(proxy.node_id)]

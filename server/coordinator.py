@@ -475,7 +475,7 @@ def execute_run(grid, context, run: PreparedRun, stop_after_round: Optional[int]
     ended = "completed"
     if remaining > 0:
         strategy = recorder.strategy = make_strategy(run.cfg, run.initial, recorder)
-        manager = EligibleClientManager(recorder.roster.eligible, fed.join_timeout)
+        manager = EligibleClientManager(recorder.roster.eligible, fed.join_timeout, on_leave=recorder.roster.left)
         recorder.roster.client_manager = manager
         ctx = LegacyContext(context=context, config=ServerConfig(num_rounds=remaining), strategy=strategy,
                             client_manager=manager)

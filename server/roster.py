@@ -33,12 +33,28 @@ class SiteRoster:
     client_manager: Optional[object] = None
     max_weight: float = 0.0
     _first: bool = True
+    # Sites whose SuperNode went offline since the last round (Flower's poller thread adds them).
+    _left: set = field(default_factory=set)
 
     def site(self, node: int) -> str:
         return self.node_site.get(node, f"node {node}")
 
     def eligible(self, node: int) -> bool:
         return self.health.eligible(node) and (not self.preflight or node in self.ready)
+
+    def left(self, node: int) -> None:
+        """A site disconnected (called from Flower's poller thread; handled before the next round)."""
+        self._left.add(node)
+
+    def _forget_the_departed(self) -> None:
+        """A site that left is asked the pre-flight again when it comes back (its data or version
+        may have changed); an exclusion other than a refusal is lifted (server/health.py)."""
+        while self._left:
+            node = self._left.pop()
+            self.ready.pop(node, None)
+            if self.health.reconnected(node):
+                log.info("%s disconnected; it is taken back if it reconnects and passes the pre-flight",
+                         self.site(node))
 
     def connected(self) -> list[int]:
         cm = self.client_manager
@@ -55,6 +71,8 @@ class SiteRoster:
         """Before a round: wait for sites (all planned ones before the first round, at most
         join_timeout), ask newly connected sites the pre-flight, and stop the run when fewer
         than min_sites can take part."""
+        if self.preflight:
+            self._forget_the_departed()
         if self._first:
             self._wait(self.planned_sites)
         elif self.preflight:  # a deployed site that died may come back, or another join

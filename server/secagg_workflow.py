@@ -36,6 +36,14 @@ class ResilientSecAggPlusWorkflow(SecAggPlusWorkflow):
         state.sampled_node_ids = set(state.active_node_ids)
         return ok
 
+    def collect_masked_vectors_stage(self, grid, context, state: WorkflowState) -> bool:
+        before = len(state.failures)
+        ok = super().collect_masked_vectors_stage(grid, context, state)
+        # Flower 1.42 appends each error reply of this stage twice (in two loops over the replies).
+        once = {id(f.args[0]) if f.args else id(f): f for f in state.failures[before:]}
+        state.failures[before:] = list(once.values())
+        return ok
+
     def unmask_stage(self, grid, context, state: WorkflowState) -> bool:
         # A site that died while training is unmasked against the survivors only: Flower would
         # also remove masks with sites that never sent an update (two or more dropouts).

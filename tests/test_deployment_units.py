@@ -232,7 +232,7 @@ def test_the_deployed_run_config_is_valid():
 
 
 def test_the_server_checks_the_run_config_before_starting_anything(tmp_path):
-    from fedtune.deployment.coordinator import ServerOptions, serve
+    from fedtune.deployment.server_command import ServerOptions, serve
 
     opts = ServerOptions(certs=None, insecure=True, state_dir=tmp_path / "state", config=DEPLOY / "run.toml",
                          out=tmp_path / "run")

@@ -142,7 +142,7 @@ def test_the_installed_wheel_runs_a_simulation_and_a_tls_deployment(wheel, tiny_
     env = _clean_env(root)
 
     where = _run([site_venv / "bin" / "python", "-c",
-                  "import fedtune, fedtune.server.app, fedtune.client.app, fedtune.deployment.cli as d; "
+                  "import fedtune, fedtune.server.app, fedtune.client.app, fedtune.deployment.commands as d; "
                   "print(fedtune.__file__); print(d.__file__)"], work, env)
     for line in where.split():
         assert Path(line).is_relative_to(site_venv) and not Path(line).is_relative_to(REPO), where

@@ -183,6 +183,30 @@ def test_sites_that_do_not_answer_are_asked_again_and_max_weight_follows_the_lar
     assert roster.max_weight == 1024  # 560 training rows -> bucket 1024
 
 
+def test_a_site_that_reconnects_is_asked_the_preflight_again_and_taken_back_unless_it_refused(
+        site_file, server_identity):
+    """A site left out for failures whose agent restarts (its SuperNode goes offline, then
+    connects again with the same key, so the same node) rejoins; a refusal stays final."""
+    grid = _PreflightGrid({n: _settings(site_file) for n in (1, 2, 3)})
+    roster = _roster([1, 2, 3], min_sites=1)
+    cfg = _request().config
+    roster.admit(grid, "r1", cfg)
+    assert grid.asked == [1, 2, 3] and all(roster.eligible(n) for n in (1, 2, 3))
+    assert [roster.health.failed(3), roster.health.failed(3)] == ["failed", "excluded"]
+    assert roster.health.failed(2, "hospital-a: refused (privacy budget)") == "refused"
+    roster.admit(grid, "r1", cfg)
+    assert grid.asked == [1, 2, 3] and not roster.eligible(3) and not roster.eligible(2)  # still connected: out
+    # Flower's node poller unregisters a SuperNode that stopped sending heartbeats.
+    manager = EligibleClientManager(roster.eligible, join_timeout=0.5, on_leave=roster.left)
+    for n in (2, 3):
+        manager.register(SimpleNamespace(cid=str(n), node_id=n))
+        manager.unregister(SimpleNamespace(cid=str(n), node_id=n))
+    roster.admit(grid, "r1", cfg)  # both are back (the roster's client manager lists them)
+    assert grid.asked == [1, 2, 3, 3] and roster.eligible(3)   # the pre-flight again, then taken back
+    assert not roster.eligible(2) and roster.health.excluded[2] == "refused (privacy budget)"
+    assert roster.health.failed(3) == "excluded"  # failures in a row are not forgotten by a restart
+
+
 # -- client manager ----------------------------------------------------------------------------------
 
 def test_sampling_waits_at_most_join_timeout_and_only_for_eligible_sites():
@@ -239,3 +263,21 @@ def test_too_few_sites_stop_the_run_with_a_reason(tmp_path):
     with pytest.raises(StopRun, match="only 2 site\\(s\\) can train, 3 needed") as stop:
         rec.select(1, proxies)
     assert stop.value.failed
+
+
+def test_fraction_evaluate_zero_asks_no_site_to_evaluate(tmp_path):
+    """Central evaluation only: no site is sent the adapter to evaluate (and none answers)."""
+    from flwr.common import ndarrays_to_parameters
+
+    from fedtune.server.strategy import make_strategy
+
+    cfg = load_config(None, ["federation.sites=3", "federation.fraction_evaluate=0"])
+    run = PreparedRun(cfg, tmp_path, _FakeEvaluator(), [np.zeros(2, np.float32)], "run1", 0, {}, None, True)
+    rec = RunRecorder(run, SimpleNamespace(take=lambda: ({}, {}), errors={}))
+    manager = EligibleClientManager(lambda node: True, join_timeout=0.5)
+    for n in (1, 2, 3):
+        manager.register(SimpleNamespace(cid=str(n), node_id=n))
+    params = ndarrays_to_parameters([np.zeros(2, np.float32)])
+    assert make_strategy(cfg, [np.zeros(2, np.float32)], rec).configure_evaluate(1, params, manager) == []
+    everyone = load_config(None, ["federation.sites=3"])
+    assert len(make_strategy(everyone, [np.zeros(2, np.float32)], rec).configure_evaluate(1, params, manager)) == 3

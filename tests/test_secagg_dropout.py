@@ -39,6 +39,8 @@ class _Site(NumPyClient):
         self.value, self.examples = value, examples
 
     def fit(self, parameters, config):
+        if self.value is None:
+            raise ValueError("this site's training fails")
         return [np.asarray(self.value, np.float64)], self.examples, {}
 
 
@@ -75,13 +77,13 @@ class LoopbackGrid:
         return replies
 
 
-def _run(workflow, sites, die):
+def _run(workflow, sites, die, strategy_class=FedAvg):
     grid = LoopbackGrid(sites, die)
     manager = SimpleClientManager()
     for node in sites:
         manager.register(GridClientProxy(node, grid, 1))
-    strategy = FedAvg(fraction_fit=1.0, min_fit_clients=len(sites), min_available_clients=len(sites),
-                      accept_failures=True)
+    strategy = strategy_class(fraction_fit=1.0, min_fit_clients=len(sites), min_available_clients=len(sites),
+                              accept_failures=True)
     ctx = LegacyContext(Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}),
                         config=ServerConfig(num_rounds=1), strategy=strategy, client_manager=manager)
     ctx.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: 1,
@@ -148,3 +150,21 @@ def test_too_few_survivors_halt_with_a_reason():
     got = _run(_resilient(halts, 4, 3), sites, {101: "collect_masked_vectors", 103: "collect_masked_vectors"})
     assert np.array_equal(got, np.zeros(SHAPE))
     assert len(halts) == 1 and "training stage" in halts[0] and "threshold 3" in halts[0]
+
+
+def test_a_site_whose_training_fails_is_one_failure_for_the_strategy():
+    """Flower 1.42's training stage records each error reply twice; the round's failures (and the
+    reasons in metrics.jsonl) count it once."""
+    sites = _sites(4)
+    sites[102] = (None, 50)  # its training raises: the site answers with an error
+    failures = []
+
+    class Recording(FedAvg):
+        def aggregate_fit(self, server_round, results, failed):
+            failures.append(len(failed))
+            return super().aggregate_fit(server_round, results, failed)
+
+    halts = []
+    got = _run(_resilient(halts, 4, 3), sites, {}, Recording)
+    assert halts == [] and failures == [1]
+    np.testing.assert_allclose(got, _mean(sites, [100, 101, 103]), atol=1e-4)

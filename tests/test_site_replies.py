@@ -250,7 +250,7 @@ def test_reply_settings_travel_from_the_client_flags_to_the_client_app(tmp_path)
 
     from fedtune.cli import build_parser
     from fedtune.client.settings import settings_from_node_config
-    from fedtune.deployment.cli import _SITE_FLAGS
+    from fedtune.deployment.commands import _SITE_FLAGS
     from fedtune.deployment.site_agent import ClientOptions, node_config_file, site_settings
 
     data = tiny.write_csv(tiny.separable_rows(10), tmp_path / "d.csv")

@@ -163,7 +163,7 @@ def _cmd_certs_register(args) -> int:
 
 
 def _cmd_server(args) -> int:
-    from fedtune.deployment.coordinator import ServerOptions, serve
+    from fedtune.deployment.server_command import ServerOptions, serve
 
     return serve(ServerOptions(
         certs=args.certs, site_keys=args.site_keys, host=args.host, port=args.port, state_dir=args.state_dir,
@@ -173,7 +173,7 @@ def _cmd_server(args) -> int:
 
 
 def _cmd_submit(args) -> int:
-    from fedtune.deployment.coordinator import submit
+    from fedtune.deployment.server_command import submit
 
     return submit(args.config, args.out, args.connection, args.state_dir, args.resume, overrides=args.overrides,
                   verbose=args.verbose)
