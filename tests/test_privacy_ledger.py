@@ -297,3 +297,15 @@ def test_killed_mid_write_never_corrupts(tmp_path):
         previous = hashes
     assert len(previous) > 10  # the children really did append
     assert isinstance(ledger.entries()[0], LedgerEntry)
+
+
+def test_a_vanishing_noise_is_accounted_at_once_by_the_rdp_bound():
+    """A hostile run config's noise 0.05: PRV's numerics would need GiBs and minutes (then a
+    MemoryError) in the site's budget check; the RDP bound (valid, larger) answers at once. Below
+    the limit PRV still gives its tighter number."""
+    from fedtune.privacy.accounting import PRV_LIMIT, compute_epsilon
+
+    hostile = [(0.05, 32 / 5000, 156)]
+    assert compute_epsilon(hostile, 1e-5, "prv") == compute_epsilon(hostile, 1e-5, "rdp") > PRV_LIMIT
+    honest = [(0.5, 32 / 5000, 156)]
+    assert compute_epsilon(honest, 1e-5, "prv") < compute_epsilon(honest, 1e-5, "rdp") < PRV_LIMIT

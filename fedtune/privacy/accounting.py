@@ -75,11 +75,28 @@ def compute_epsilon(history: list[tuple[float, float, int]], delta: float, mecha
 def _composed_epsilon(history: tuple[tuple[float, float, int], ...], delta: float, mechanism: Mechanism) -> float:
     # Pure and called with the same history again and again (every budget check of a round):
     # remember the result instead of composing again.
-    accountant = create_accountant(mechanism)
-    accountant.history = list(history)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus warns about optimal RDP orders at the range edge
-        return float(accountant.get_epsilon(delta=delta))
+        if mechanism == "prv":
+            # RDP's epsilon is a valid upper bound, cheap at any noise. PRV is tighter but its
+            # numerics need memory and time that explode as the noise vanishes (noise 0.05: GiBs,
+            # minutes, then MemoryError), which a hostile run config could ask for. Where even
+            # the bound says "no privacy", report the bound (conservative, never smaller).
+            bound = _epsilon_of("rdp", history, delta)
+            if bound > PRV_LIMIT:
+                return bound
+        return _epsilon_of(mechanism, history, delta)
+
+
+# Above this RDP epsilon the PRV accountant is not asked (see _composed_epsilon); the numbers a
+# run can meaningfully spend are far below it.
+PRV_LIMIT = 100.0
+
+
+def _epsilon_of(mechanism: Mechanism, history: tuple, delta: float) -> float:
+    accountant = create_accountant(mechanism)
+    accountant.history = list(history)
+    return float(accountant.get_epsilon(delta=delta))
 
 
 def calibrate_noise_multiplier(
