@@ -494,8 +494,9 @@ def execute_run(grid, context, run: PreparedRun, stop_after_round: Optional[int]
             recorder.fit_workflow = fit_workflow
 
         def evaluate_and_record(grid_, context_):
-            recorder.mark_stage("federated evaluation")
-            default_evaluate_workflow(grid_, context_)
+            if not recorder.current.get("failed"):  # a failed round left the model unchanged: nothing to ask
+                recorder.mark_stage("federated evaluation")
+                default_evaluate_workflow(grid_, context_)
             recorder.end_round(_current_round(context_))
 
         try:
