@@ -19,7 +19,7 @@ from fedtune import tiny
 from fedtune.deployment.certs import CertPaths, create_server_cert, create_site_key, init_certs
 from fedtune.deployment.flower import check_tls, flower_env, superlink_command, wait_for_port
 
-from simulations.benchmarks.loopback import Processes, fedtune_cmd, free_port
+from simulations.benchmarks.loopback import Processes, fedtune_cmd, free_port, tiny_run_config
 from helpers import library_lines
 
 pytestmark = pytest.mark.slow
@@ -413,30 +413,9 @@ def test_four_sites_survive_a_kill_while_training_a_failure_a_restart_and_a_kill
     data = {s: tiny.write_csv(tiny.separable_rows(60, seed=20 + i), tmp_path / f"{s}.csv")
             for i, s in enumerate(CHAOS_SITES)}
     held = tiny.write_csv(tiny.separable_rows(60, seed=99), tmp_path / "eval.csv")
-    config = tmp_path / "run.toml"
-    config.write_text(f"""
-[model]
-name = "{tiny_models['bert']}"
-max_length = 24
-[lora]
-r = 4
-dropout = 0.0
-[data]
-eval = "{held}"
-[train]
-batch_size = 16
-epochs = 1
-[privacy]
-target_epsilon = 8.0
-[federation]
-sites = 4
-rounds = 5
-fraction_evaluate = 0
-secure_aggregation = true
-stage_timeout = {STAGE_TIMEOUT}
-train_timeout = {TRAIN_TIMEOUT}
-join_timeout = 120.0
-""")
+    config = tiny_run_config(tmp_path / "run.toml", tiny_models["bert"], held, federation={
+        "sites": 4, "rounds": 5, "fraction_evaluate": 0, "secure_aggregation": True,
+        "stage_timeout": STAGE_TIMEOUT, "train_timeout": TRAIN_TIMEOUT, "join_timeout": 120.0})
     state = {s: tmp_path / "state" / s for s in CHAOS_SITES}
     port, out = free_port(), tmp_path / "run"
     serverapp_log = out / "logs" / "serverapp.log"
@@ -582,33 +561,11 @@ def test_a_coordinator_killed_between_and_in_rounds_resumes_to_the_same_adapter(
     data = {s: tiny.write_csv(tiny.separable_rows(60, seed=30 + i), tmp_path / f"{s}.csv")
             for i, s in enumerate(("site-a", "site-b"))}
     held = tiny.write_csv(tiny.separable_rows(40, seed=99), tmp_path / "eval.csv")
-    config = tmp_path / "run.toml"
-    config.write_text(f"""
-[model]
-name = "{tiny_models['bert']}"
-max_length = 24
-[lora]
-r = 4
-dropout = 0.0
-[data]
-eval = "{held}"
-[train]
-batch_size = 16
-epochs = 1
-learning_rate = 1e-2
-[privacy]
-enabled = false
-[federation]
-sites = 2
-min_sites = 2
-rounds = 3
-site_test_fraction = 0.0
-fraction_evaluate = 0.0
-secure_aggregation = false
-stage_timeout = 120.0
-train_timeout = 300.0
-join_timeout = 180.0
-""")
+    config = tiny_run_config(
+        tmp_path / "run.toml", tiny_models["bert"], held, train={"learning_rate": 1e-2}, privacy={"enabled": False},
+        federation={"sites": 2, "min_sites": 2, "rounds": 3, "site_test_fraction": 0.0, "fraction_evaluate": 0.0,
+                    "secure_aggregation": False, "stage_timeout": 120.0, "train_timeout": 300.0,
+                    "join_timeout": 180.0})
     port, coordinator_state = free_port(), tmp_path / "coordinator"
 
     def server(name, out, *extra):

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from simulations.benchmarks.common import RESULTS, log, main_for, table, write_json
-from simulations.benchmarks.loopback import Processes, fedtune_cmd, free_port
+from simulations.benchmarks.loopback import Processes, fedtune_cmd, free_port, tiny_run_config
 from simulations.benchmarks.memory import PeakMemory
 
 SITES = {"tiny": [2], "default": [2, 4, 8], "full": [2, 4, 8, 12, 16]}
@@ -26,31 +26,6 @@ ROUNDS = {"tiny": 1, "default": 2, "full": 2}
 ROWS = 60            # rows per site (a fifth held out as its local test split)
 # The coordinator's stages of a SecAgg+ round, in order (server/coordinator.py, stage_seconds).
 STAGES = ["setup", "key sharing", "training", "unmasking", "central evaluation", "federated evaluation"]
-
-
-def _write_run_config(path: Path, model: Path, held: Path, sites: int, rounds: int) -> Path:
-    """The run config: deployed defaults (target epsilon 8, SecAgg+, every deadline) apart from
-    the tiny model, its sizes and the number of sites and rounds."""
-    path.write_text(f"""
-[model]
-name = "{model}"
-max_length = 24
-[lora]
-r = 4
-dropout = 0.0
-[data]
-eval = "{held}"
-[train]
-batch_size = 16
-epochs = 1
-[privacy]
-target_epsilon = 8.0
-[federation]
-sites = {sites}
-rounds = {rounds}
-secure_aggregation = true
-""")
-    return path
 
 
 def _wait_for_text(procs: Processes, proc, text: str, timeout: float) -> None:
@@ -74,7 +49,8 @@ def deploy(model: Path, sites: int, rounds: int, work: Path) -> dict:
     certs = init_certs(work / "certs", ["localhost", "127.0.0.1"], names)
     data = {s: tiny.write_csv(tiny.separable_rows(ROWS, seed=10 + i), work / f"{s}.csv") for i, s in enumerate(names)}
     held = tiny.write_csv(tiny.separable_rows(60, seed=99), work / "eval.csv")
-    config = _write_run_config(work / "run.toml", model, held, sites, rounds)
+    config = tiny_run_config(work / "run.toml", model, held,  # deployed defaults: SecAgg+, every deadline
+                             federation={"sites": sites, "rounds": rounds, "secure_aggregation": True})
     out = work / "run"
     procs = Processes(flower_env(work / "flwr-home"), work)
     started = time.perf_counter()

@@ -6,6 +6,7 @@ that started it dies outright (kill -9, a CI timeout) before it could stop them.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -86,3 +87,20 @@ class Processes:
                 proc.wait(10)
         time.sleep(0.5)
         return [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+
+
+def tiny_run_config(path: Path, model: Path, held: Path, *, train: dict | None = None,
+                    privacy: dict | None = None, federation: dict) -> Path:
+    """A deployed run's config on the tiny model (its sizes fixed here), the coordinator's
+    evaluation file ``held``; ``train``/``privacy``/``federation`` keys added or replaced."""
+    sections = {
+        "model": {"name": str(model), "max_length": 24},
+        "lora": {"r": 4, "dropout": 0.0},
+        "data": {"eval": str(held)},
+        "train": {"batch_size": 16, "epochs": 1, **(train or {})},
+        "privacy": privacy or {"target_epsilon": 8.0},
+        "federation": federation,
+    }
+    path.write_text("".join(f"[{name}]\n" + "".join(f"{key} = {json.dumps(value)}\n" for key, value in keys.items())
+                            for name, keys in sections.items()))
+    return path
