@@ -71,6 +71,11 @@ def compute_epsilon(history: list[tuple[float, float, int]], delta: float, mecha
     return _composed_epsilon(tuple((n, q, s) for (n, q), s in merged.items()), float(delta), mechanism)
 
 
+# Above this RDP epsilon the PRV accountant is not asked (see _composed_epsilon); the numbers a
+# run can meaningfully spend are far below it.
+PRV_LIMIT = 100.0
+
+
 @lru_cache(maxsize=4096)
 def _composed_epsilon(history: tuple[tuple[float, float, int], ...], delta: float, mechanism: Mechanism) -> float:
     # Pure and called with the same history again and again (every budget check of a round):
@@ -86,11 +91,6 @@ def _composed_epsilon(history: tuple[tuple[float, float, int], ...], delta: floa
             if bound > PRV_LIMIT:
                 return bound
         return _epsilon_of(mechanism, history, delta)
-
-
-# Above this RDP epsilon the PRV accountant is not asked (see _composed_epsilon); the numbers a
-# run can meaningfully spend are far below it.
-PRV_LIMIT = 100.0
 
 
 def _epsilon_of(mechanism: Mechanism, history: tuple, delta: float) -> float:
