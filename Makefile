@@ -35,7 +35,7 @@ demo-local: install
 	$(BIN)/fedtune train-local --config simulations/demo.toml --out runs/demo-local
 
 # Benchmarks (simulations/RESULTS.md): about 15 minutes, plus deploy_load (35 min measured on 2 heavily shared
-# CPU cores; less on an idle machine) and the utility grid (estimated ~2 h, not yet timed); bench-full: more.
+# CPU cores; less on an idle machine) and utility (2 h 20 min) + ablation (45 min); bench-full: more.
 bench: install
 	$(BIN)/python -m simulations.benchmarks.run_all
 

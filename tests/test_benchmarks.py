@@ -8,7 +8,7 @@ import math
 import psutil
 import pytest
 
-from simulations.benchmarks import deploy_load, run_all, scale, secagg_cost, step_time, traffic, utility
+from simulations.benchmarks import ablation, deploy_load, run_all, scale, secagg_cost, step_time, traffic, utility
 from simulations.benchmarks.common import SHARED_DATA, table
 from simulations.benchmarks.memory import PeakMemory
 
@@ -128,6 +128,55 @@ def test_utility_runs_federated_and_centralized_on_real_data(tmp_path):
     assert fed["points_below_centralized_dp"] is not None
     assert [p.rsplit("-", 1)[-1] for p in data["plots"]] == ["sst2.png", "epsilon.png"]
     assert all((tmp_path / p).stat().st_size > 10_000 for p in data["plots"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data (real SST-2 / AG News) is absent")
+def test_ablation_runs_each_variant_on_the_same_rows(tmp_path):
+    ablation.run("tiny", tmp_path)
+    data = _saved(tmp_path, "ablation")
+    assert [r["variant"] for r in data["results"]] == ["defaults", "FFA-LoRA (A frozen)"]
+    base, ffa = data["results"]
+    assert base["overrides"] == [] and ffa["overrides"] == ["lora.freeze_a=true"]
+    assert base["points_vs_defaults"] == 0
+    assert ffa["points_vs_defaults"] == pytest.approx(100 * (ffa["accuracy"] - base["accuracy"]))
+    # Same rows and evaluation set: the untrained model scores the same before round 1.
+    assert base["rounds"][0]["accuracy"] == ffa["rounds"][0]["accuracy"]
+    assert all(0 < e <= 8.0 + 1e-6 for r in data["results"] for e in r["epsilon_per_site"].values())
+    assert data["table"].count("\n") == 3 and "FFA-LoRA" in data["table"]
+    assert (tmp_path / data["plots"][0]).stat().st_size > 10_000
+
+
+def test_ablation_reuses_the_utility_benchmarks_run_of_the_defaults(tmp_path, monkeypatch):
+    g = utility.grid("tiny")
+    rounds = [{"round": 0, "accuracy": 0.5, "f1": 0.4}, {"round": 1, "accuracy": 0.7, "f1": 0.6}]
+    done = {"kind": "federated", "dataset": "sst2", "epsilon_target": 8.0, "accuracy": 0.7, "f1": 0.6,
+            "epsilon_per_site": {"site-0": 7.9}, "rounds": rounds, "seconds": 12.0}
+    saved = {"grid": {"sites": g.sites, "rows_per_site": g.rows_per_site, "rounds": g.rounds,
+                      "local_epochs": g.local_epochs, "train": utility.TRAIN},
+             "results": [dict(done, dataset="agnews-label"), done]}
+    (tmp_path / "utility-tiny.json").write_text(json.dumps(saved))
+    trained = []
+
+    def federated(model, dataset, sites, epsilon, train, evaluation, g, work, variant, extra):
+        trained.append(variant)
+        return dict(done, accuracy=0.75, variant=variant, overrides=list(extra))
+
+    monkeypatch.setattr(ablation, "SHARED_DATA", tmp_path)
+    monkeypatch.setattr(ablation, "model_name", lambda size, work: "model")
+    monkeypatch.setattr(ablation, "data_files", lambda *a, **k: (tmp_path / "t", tmp_path / "e"))
+    monkeypatch.setattr(ablation, "federated", federated)
+    payload = ablation.run("tiny", tmp_path)
+    assert trained == ["FFA-LoRA (A frozen)"]           # the defaults were not trained again
+    base, ffa = payload["results"]
+    assert base["reused_from"] == "utility-tiny.json" and base["accuracy"] == 0.7
+    assert ffa["points_vs_defaults"] == pytest.approx(5.0) and payload["complete"]
+    # A utility run with other settings is not reused.
+    saved["grid"]["train"] = utility.TRAIN + ["lora.r=4"]
+    (tmp_path / "utility-tiny.json").write_text(json.dumps(saved))
+    trained.clear()
+    ablation.run("tiny", tmp_path)
+    assert trained == ["defaults", "FFA-LoRA (A frozen)"]
 
 
 def test_utility_skips_with_a_reason_without_the_data(tmp_path, monkeypatch):

@@ -138,12 +138,15 @@ def wait_for_ray_to_be_free(timeout_s: float = 900, poll_s: float = 5) -> None:
 
 def federated_run(cfg, out_dir: Path) -> list[dict]:
     """One simulation on Flower's engine (Ray), one ClientApp per core; returns its metrics records."""
+    from fedtune.run_logs import route_logs
     from fedtune.server.coordinator import read_records
     from fedtune.simulate import simulate
 
     out_dir = Path(out_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)  # a benchmark run always starts fresh
+    if _QUIET["on"]:  # Flower's and Ray's lines go to the run's logs/ (as for `fedtune simulate`)
+        route_logs(out_dir / "logs", "simulate", False)
     wait_for_ray_to_be_free()
     ended = simulate(cfg, out_dir)
     if ended != "completed":
@@ -160,8 +163,21 @@ def model_fp32_bytes(model: str) -> int:
     return 4 * sum(p.numel() for p in net.parameters())
 
 
+_QUIET = {"on": False}
+
+
+def quiet_console() -> None:
+    """From the command line: library lines and warnings go to each federated run's logs/
+    folder, the console keeps the benchmark's own lines (tests calling run() are left alone)."""
+    from fedtune.run_logs import setup_console
+
+    setup_console(False)
+    _QUIET["on"] = True
+
+
 def main_for(run: Callable, doc: str, argv=None) -> None:
     """The command line every benchmark script shares."""
+    quiet_console()
     p = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
     p.add_argument("--size", choices=SIZES, default="default")
     p.add_argument("--out", type=Path, default=None, help="results folder (default: simulations/results)")

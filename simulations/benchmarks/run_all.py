@@ -1,7 +1,7 @@
 """Every benchmark, one after another (never two Ray simulations at once), then a summary of all
 their tables in simulations/results/summary-<size>.md.
 
-    python -m simulations.benchmarks.run_all           # default size: the other benchmarks ~15 min, deploy_load ~35 min (loaded machine); utility (issue 10 grid) not yet timed, estimated ~2 h on 2 CPU cores
+    python -m simulations.benchmarks.run_all           # default size: the other benchmarks ~15 min, deploy_load ~35 min (loaded machine); utility 2 h 20 min and ablation 45 min on 2 CPU cores
     python -m simulations.benchmarks.run_all --full    # the whole grid, more rows (hours on a CPU)
     python -m simulations.benchmarks.run_all --tiny    # tiny random model, a few steps: what CI runs
 """
@@ -17,11 +17,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make the `simulations.benchmarks` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from simulations.benchmarks import deploy_load, scale, secagg_cost, step_time, traffic, utility  # noqa: E402
-from simulations.benchmarks.common import RESULTS, log, machine  # noqa: E402
+from simulations.benchmarks import ablation, deploy_load, scale, secagg_cost, step_time, traffic, utility  # noqa: E402
+from simulations.benchmarks.common import RESULTS, log, machine, quiet_console  # noqa: E402
 
 BENCHMARKS = {"step_time": step_time, "traffic": traffic, "secagg_cost": secagg_cost, "scale": scale,
-              "deploy_load": deploy_load, "utility": utility}
+              "deploy_load": deploy_load, "utility": utility, "ablation": ablation}
 
 
 def run_all(size: str, out_dir: Path | None = None, only: list[str] | None = None) -> Path:
@@ -64,6 +64,7 @@ def main(argv=None) -> None:
     p.add_argument("--only", action="append", choices=list(BENCHMARKS), help="run only these (repeatable)")
     p.add_argument("--out", type=Path, default=None, help="results folder (default: simulations/results)")
     args = p.parse_args(argv)
+    quiet_console()
     run_all(args.size or "default", args.out, args.only)
 
 

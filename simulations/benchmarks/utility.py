@@ -61,7 +61,7 @@ def grid(size: str) -> Grid:
     if size == "tiny":
         return Grid([("sst2", 8.0)], sites=3, rows_per_site=40, eval_rows={"sst2": 60}, rounds=2, local_epochs=1)
     runs = [(d, e) for d in DATASETS for e in EPSILONS]
-    if size == "default":  # 4 sites x 2,000 rows; not yet timed on 2 cores (see RESULTS.md)
+    if size == "default":  # 4 sites x 2,000 rows: 2 h 20 min on 2 cores (RESULTS.md section 5)
         return Grid(runs, SITES, rows_per_site=2000, eval_rows={"sst2": 0, "agnews": 2000}, rounds=3, local_epochs=1)
     return Grid(runs, SITES, rows_per_site=10000, eval_rows={"sst2": 0, "agnews": 0}, rounds=3, local_epochs=1)
 
@@ -92,19 +92,22 @@ def _data_sets(dataset: str, train: Path, evaluation: Path) -> list[str]:
             "data.label_column=label"]
 
 
-def federated(model, dataset, sites, epsilon, train, evaluation, g: Grid, work: Path) -> dict:
+def federated(model, dataset, sites, epsilon, train, evaluation, g: Grid, work: Path, variant: str = "",
+              extra: tuple[str, ...] = ()) -> dict:
+    """One federated DP run; ``extra`` overrides (applied last) make an ablation ``variant``."""
     sets = TRAIN + _data_sets(dataset, train, evaluation) + DATASETS[dataset]["partition"] + [
         f"train.epochs={g.local_epochs}",
         "privacy.enabled=true", f"privacy.target_epsilon={epsilon}",
         f"federation.sites={sites}", f"federation.rounds={g.rounds}", "federation.site_test_fraction=0",
         f"federation.fraction_evaluate={1 / sites}", "federation.secure_aggregation=true",
-    ]
-    name = f"{dataset} federated {sites} sites eps {epsilon:g}"
+    ] + list(extra)
+    name = f"{dataset} federated {sites} sites eps {epsilon:g}" + (f" {variant}" if variant else "")
     log(f"utility: {name}")
     out = work / name.replace(" ", "-")
     records = federated_run(config(model, sets), out)
     privacy = json.loads((out / "privacy.json").read_text())
     return {"name": name, "kind": "federated", "dataset": dataset, "sites": sites, "epsilon_target": epsilon,
+            "variant": variant, "overrides": list(extra),
             "rows": sites * g.rows_per_site, "epsilon_per_site": {k: v["epsilon"] for k, v in privacy["sites"].items()},
             "rounds": [{"round": r["round"], "accuracy": r["central"]["accuracy"], "f1": r["central"]["f1"]}
                        for r in records],
