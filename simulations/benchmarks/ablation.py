@@ -61,15 +61,14 @@ def reusable_defaults(size: str, out_dir: Path, g: Grid) -> dict | None:
     return None
 
 
-def run(size: str = "default", out_dir: Path | None = None, workdir: Path | None = None,
-        variants: list[tuple[str, tuple[str, ...]]] | None = None) -> dict:
+def run(size: str = "default", out_dir: Path | None = None, workdir: Path | None = None) -> dict:
     out_dir = Path(out_dir) if out_dir is not None else RESULTS
     if not SHARED_DATA.is_dir():
         reason = f"{SHARED_DATA} is absent (real SST-2 data, see its README): ablation benchmark skipped"
         log(reason)
         return {"skipped": reason, "table": reason}
     g = grid(size)
-    variants = variants or (TINY_VARIANTS if size == "tiny" else VARIANTS)
+    variants = TINY_VARIANTS if size == "tiny" else VARIANTS
     out_dir.mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
     payload: dict = {}
