@@ -157,9 +157,11 @@ class FederationConfig(_Section):
     fraction_train: float = Field(1.0, gt=0, le=1)
     # Share of sites asked to evaluate each round; 0: no federated evaluation (central only).
     fraction_evaluate: float = Field(1.0, ge=0, le=1)
-    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedavgm"] = "fedavg"
     proximal_mu: float = Field(0.01, ge=0)        # fedprox
-    server_learning_rate: float = Field(0.01, gt=0)  # fedadam (eta)
+    # fedadam (eta) and fedavgm; unset: 1e-2 for fedadam, 1.0 (plain averaging) for fedavgm
+    server_learning_rate: Optional[float] = Field(None, gt=0)
+    server_momentum: float = Field(0.0, ge=0, lt=1)  # fedavgm
     secure_aggregation: bool = True
     # SecAgg+ settings; 0 = derived from the number of sites and the adapter's values.
     secagg_num_shares: int = Field(0, ge=0)

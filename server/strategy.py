@@ -1,4 +1,4 @@
-"""Flower's own strategies (FedAvg weighted by examples, FedProx, FedAdam) on the legacy path,
+"""Flower's own strategies (FedAvg weighted by examples, FedProx, FedAdam, FedAvgM) on the legacy path,
 which is where SecAgg+ runs in flwr 1.42, with hooks that record each round."""
 
 from __future__ import annotations
@@ -7,13 +7,14 @@ import random
 
 import numpy as np
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.server.strategy import FedAdam, FedAvg, FedProx
+from flwr.server.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
 from fedtune.config import FedTuneConfig
 from fedtune.training.auto import auto_learning_rate
 
 
-STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}
+STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedavgm": FedAvgM}
+SERVER_LEARNING_RATE = {"fedadam": 1e-2, "fedavgm": 1.0}  # federation.server_learning_rate unset
 
 
 def make_strategy(cfg: FedTuneConfig, initial: list[np.ndarray], recorder):
@@ -30,7 +31,7 @@ def make_strategy(cfg: FedTuneConfig, initial: list[np.ndarray], recorder):
 
         def aggregate_fit(self, server_round, results, failures):
             recorder.on_fit(server_round, results, failures)
-            # The absolute round: FedAdam's bias correction continues across a resume.
+            # The absolute round: FedAdam's bias correction and FedAvgM's momentum continue across a resume.
             parameters, metrics = super().aggregate_fit(recorder.absolute(server_round), results, failures)
             if parameters is not None:
                 # SecAgg+ returns float64; keep the global adapter (and the download) in fp32.
@@ -69,23 +70,33 @@ def make_strategy(cfg: FedTuneConfig, initial: list[np.ndarray], recorder):
     )
     if fed.strategy == "fedprox":
         kwargs["proximal_mu"] = fed.proximal_mu
+    server_lr = fed.server_learning_rate or SERVER_LEARNING_RATE.get(fed.strategy)
     if fed.strategy == "fedadam":
         # eta_l is only recorded by Flower's FedAdam (the sites' rates are their own).
         lr = cfg.train.learning_rate
-        kwargs.update(eta=fed.server_learning_rate, eta_l=auto_learning_rate(cfg.privacy.enabled) if lr == "auto" else lr,
+        kwargs.update(eta=server_lr, eta_l=auto_learning_rate(cfg.privacy.enabled) if lr == "auto" else lr,
                       tau=1e-3)
+    if fed.strategy == "fedavgm":
+        kwargs.update(server_learning_rate=server_lr, server_momentum=fed.server_momentum)
     strategy = RecordingStrategy(**kwargs)
-    if fed.strategy == "fedadam" and recorder.run.optimizer:
+    saved = recorder.run.optimizer
+    if fed.strategy == "fedadam" and saved:
         # Resume: FedAdam's moments and its full-precision weights, as checkpointed.
-        strategy.m_t, strategy.v_t = recorder.run.optimizer["m_t"], recorder.run.optimizer["v_t"]
-        strategy.current_weights = recorder.run.optimizer["current_weights"]
+        strategy.m_t, strategy.v_t = saved["m_t"], saved["v_t"]
+        strategy.current_weights = saved["current_weights"]
+    if fed.strategy == "fedavgm" and saved.get("momentum"):
+        # Resume: FedAvgM's momentum (its weights are the checkpointed adapter, passed as initial).
+        strategy.momentum_vector = saved["momentum"]
     return strategy
 
 
 def optimizer_state(strategy) -> dict:
-    """What a resumed run needs of the server optimiser (FedAdam); {} for FedAvg and FedProx."""
+    """What a resumed run needs of the server optimiser (FedAdam's moments and weights, FedAvgM's
+    momentum); {} for FedAvg and FedProx."""
     if getattr(strategy, "m_t", None) and getattr(strategy, "v_t", None):
         return {"m_t": strategy.m_t, "v_t": strategy.v_t, "current_weights": strategy.current_weights}
+    if getattr(strategy, "momentum_vector", None):
+        return {"momentum": strategy.momentum_vector}
     return {}
 
 
