@@ -6,8 +6,8 @@ defaults, then one change at a time: FFA-LoRA, half the learning rate, FedAdam o
 twice the expected batch (half the steps, less noise per step), two local epochs per round, LoRA
 rank 4, clip 0.5, server momentum and a server learning rate of 2 (FedAvgM); then FFA-LoRA, rank 4
 and batch 192 together, without and with the server learning rate of 2. Every run is a real
-`fedtune simulate` with SecAgg+ on the same rows, evaluated centrally on the whole SST-2 dev set (872). Reports accuracy,
-macro-F1, epsilon per site, the difference to the defaults in points and wall time, and a plot of
+`fedtune simulate` with SecAgg+ on the same rows, evaluated centrally on the whole SST-2 dev set
+(872). Reports accuracy, macro-F1, epsilon per site, the difference to the defaults in points and wall time, and a plot of
 accuracy per round. After `utility` (as `run_all` runs them), the defaults row is the utility
 benchmark's own run at this grid point, not trained twice. The JSON, table and plot are rewritten
 after every run, so a stopped ablation keeps the rows it finished.
