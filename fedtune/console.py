@@ -23,7 +23,8 @@ def header_lines(cfg: FedTuneConfig, out_dir: Path, what: str) -> list[str]:
         dp = "DP off (no privacy guarantee)"
     secagg = "SecAgg+" if fed.secure_aggregation else "no secure aggregation"
     return [
-        f"fedtune {what}: {cfg.model.name} ({cfg.model.task}), LoRA r={cfg.lora.r}",
+        f"fedtune {what}: {cfg.model.name} ({cfg.model.task}), "
+        f"{'FFA-LoRA' if cfg.lora.freeze_a else 'LoRA'} r={cfg.lora.r}",
         f"  {fed.sites} sites, {fed.rounds} rounds, {fed.strategy}, {secagg}; {dp}",
         f"  run folder {out_dir}  (logs in {Path(out_dir) / 'logs'})",
     ]

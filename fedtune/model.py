@@ -188,7 +188,7 @@ def freeze_lora_a(model: torch.nn.Module, seed: int) -> None:
                 # peft starts embedding LoRA with A = 0: a frozen zero A never learns anything.
                 raise ModelLoadError(
                     f"lora.freeze_a = true does not support LoRA on embedding layers ({name}): "
-                    "remove it from lora.target_modules"
+                    "remove it from lora.target_modules or set lora.freeze_a = false"
                 )
             lora_a = getattr(module, "lora_A", None)
             if not isinstance(lora_a, torch.nn.ModuleDict):

@@ -14,7 +14,21 @@ from fedtune.training.auto import auto_learning_rate
 
 
 STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedavgm": FedAvgM}
-SERVER_LEARNING_RATE = {"fedadam": 1e-2, "fedavgm": 1.0}  # federation.server_learning_rate unset
+
+
+def server_learning_rate(cfg: FedTuneConfig) -> float | None:
+    """federation.server_learning_rate, or when unset: FedAdam 1e-2; FedAvgM 2.0 under FFA-LoRA
+    (A frozen, so the mean of the sites' B is the exact mean update and a step of twice it
+    learned more under DP: simulations/RESULTS.md section 5) and 1.0 (plain averaging) when A is
+    trained too (averaged A and B only approximate the mean product; 2.0 diverged there)."""
+    fed = cfg.federation
+    if fed.server_learning_rate is not None:
+        return fed.server_learning_rate
+    if fed.strategy == "fedadam":
+        return 1e-2
+    if fed.strategy == "fedavgm":
+        return 2.0 if cfg.lora.freeze_a else 1.0
+    return None
 
 
 def make_strategy(cfg: FedTuneConfig, initial: list[np.ndarray], recorder):
@@ -32,7 +46,13 @@ def make_strategy(cfg: FedTuneConfig, initial: list[np.ndarray], recorder):
         def aggregate_fit(self, server_round, results, failures):
             recorder.on_fit(server_round, results, failures)
             # The absolute round: FedAdam's bias correction and FedAvgM's momentum continue across a resume.
-            parameters, metrics = super().aggregate_fit(recorder.absolute(server_round), results, failures)
+            absolute = recorder.absolute(server_round)
+            if results and getattr(self, "server_momentum", 0.0) > 0 and not self.momentum_vector:
+                # FedAvgM creates its momentum in round 1 and asserts it exists afterwards: after a
+                # round with no aggregate (every site failed), or a resume from a checkpoint saved
+                # without it, start the momentum at this round instead of stopping the run.
+                absolute = 1
+            parameters, metrics = super().aggregate_fit(absolute, results, failures)
             if parameters is not None:
                 # SecAgg+ returns float64; keep the global adapter (and the download) in fp32.
                 parameters = ndarrays_to_parameters(
@@ -70,7 +90,7 @@ def make_strategy(cfg: FedTuneConfig, initial: list[np.ndarray], recorder):
     )
     if fed.strategy == "fedprox":
         kwargs["proximal_mu"] = fed.proximal_mu
-    server_lr = fed.server_learning_rate or SERVER_LEARNING_RATE.get(fed.strategy)
+    server_lr = server_learning_rate(cfg)
     if fed.strategy == "fedadam":
         # eta_l is only recorded by Flower's FedAdam (the sites' rates are their own).
         lr = cfg.train.learning_rate

@@ -76,8 +76,12 @@ def test_plan_shows_auto_and_noise_to_signal_and_warns_a_site_too_small():
     small = plan_site(cfg, "site-1", 8)
     assert small.noise_to_signal > MAX_NOISE_TO_SIGNAL
     (warning,) = small.warnings
-    for advice in ("more rows", "fewer rounds", "FFA-LoRA", "smaller LoRA rank"):
+    for advice in ("more rows", "fewer rounds", "a larger epsilon"):
         assert advice in warning
+    # The defaults are already FFA-LoRA at rank 4: advice only for what the config can still change.
+    assert "FFA-LoRA" not in warning and "smaller LoRA rank" not in warning
+    (plain,) = plan_site(load_config(None, RDP + ["lora.freeze_a=false", "lora.r=8"]), "site-1", 8).warnings
+    assert "FFA-LoRA" in plain and "smaller LoRA rank (lora.r = 8)" in plain
 
 
 def test_privacy_plan_command_prints_auto_choices_and_the_warning(capsys):

@@ -36,8 +36,10 @@ def test_the_header_names_model_sites_rounds_privacy_and_run_folder(tmp_path):
     text = "\n".join(header_lines(cfg, tmp_path / "run", "simulate"))
     assert "4 sites, 7 rounds" in text and "target epsilon 3 per site" in text
     assert str(tmp_path / "run") in text and cfg.model.name in text
-    off = load_config(None, ["privacy.enabled=false"])
-    assert "DP off" in "\n".join(header_lines(off, tmp_path, "server"))
+    assert text.splitlines()[0].endswith("), FFA-LoRA r=4")  # the defaults' adapter
+    off = load_config(None, ["privacy.enabled=false", "lora.freeze_a=false", "lora.r=8"])
+    first, second = header_lines(off, tmp_path, "server")[:2]
+    assert "DP off" in second and first.endswith("), LoRA r=8")
 
 
 def test_the_follower_hands_over_each_complete_record_once(tmp_path):

@@ -13,7 +13,8 @@ from fedtune.model import ModelLoadError, load_base_model, load_tokenizer
 from fedtune.training.trainer import LocalTrainer
 from tests.helpers import tiny_config
 
-FFA = ["lora.freeze_a=true"]
+FFA = ["lora.freeze_a=true"]      # the default, stated where a test is about it
+PLAIN = ["lora.freeze_a=false"]   # LoRA with A trained too
 
 
 def _a_tensors(model):
@@ -27,7 +28,7 @@ def _site(tiny_models, files, arch="bert", task="sequence-classification", overr
 @pytest.mark.parametrize("arch, task", [("bert", "sequence-classification"), ("gpt2", "causal-lm"),
                                         ("llama", "sequence-classification")])
 def test_only_b_and_head_are_trainable(tiny_models, separable_files, arch, task):
-    plain = _site(tiny_models, separable_files, arch, task).model
+    plain = _site(tiny_models, separable_files, arch, task, PLAIN).model
     ffa = _site(tiny_models, separable_files, arch, task, FFA).model
     names = list(trainable_parameters(ffa))
     all_b = [n for n, _ in ffa.named_parameters() if "lora_B" in n]
@@ -54,8 +55,8 @@ def test_a_is_identical_across_parties_and_set_by_a_seed(tiny_models, separable_
     assert all(torch.equal(one[n], two[n]) for n in one)
     assert all(not torch.equal(one[n], other[n]) for n in one)
     # Plain LoRA's A, by contrast, follows the global RNG (so it would differ between parties).
-    p1 = _a_tensors(_site(tiny_models, separable_files, overrides=["train.seed=1"]).model)
-    p2 = _a_tensors(_site(tiny_models, separable_files, overrides=["train.seed=2"]).model)
+    p1 = _a_tensors(_site(tiny_models, separable_files, overrides=PLAIN + ["train.seed=1"]).model)
+    p2 = _a_tensors(_site(tiny_models, separable_files, overrides=PLAIN + ["train.seed=2"]).model)
     assert any(not torch.equal(p1[n], p2[n]) for n in p1)
 
 

@@ -13,7 +13,8 @@ from tests.helpers import tiny_config
 @pytest.mark.parametrize("arch, task", [("bert", "sequence-classification"), ("gpt2", "sequence-classification"),
                                         ("gpt2", "causal-lm"), ("llama", "causal-lm"), ("llama", "sequence-classification")])
 def test_lora_on_each_architecture(tiny_models, separable_files, arch, task):
-    cfg = tiny_config(tiny_models[arch], separable_files["train"], separable_files["eval"], task)
+    cfg = tiny_config(tiny_models[arch], separable_files["train"], separable_files["eval"], task,
+                      ["lora.freeze_a=false"])  # plain LoRA (A trained); FFA-LoRA: tests/test_ffa_lora.py
     site = prepare_site(cfg)
     names = list(trainable_parameters(site.model))
     assert any("lora_A" in n for n in names) and any("lora_B" in n for n in names)

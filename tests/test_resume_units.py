@@ -12,7 +12,7 @@ from fedtune.config import load_config, save_config
 from fedtune.io_utils import append_line, read_jsonl
 from fedtune.server.checkpoints import load_optimizer, save_checkpoint
 from fedtune.server.coordinator import RunError, resumed_config
-from fedtune.server.strategy import make_strategy, optimizer_state
+from fedtune.server.strategy import make_strategy, optimizer_state, server_learning_rate
 
 
 def test_resume_uses_the_saved_config_and_only_explicit_overrides(tmp_path):
@@ -105,12 +105,8 @@ def test_server_optimiser_resumed_from_its_checkpoint_equals_an_uninterrupted_ru
     for rnd, res in enumerate(updates[1:], start=1):
         out_resumed = parameters_to_ndarrays(resumed.aggregate_fit(rnd, res, [])[0])[0]
     np.testing.assert_allclose(out_resumed, out_full, rtol=0, atol=1e-6)
-    # without the optimiser's state it would differ
+    # without the optimiser's state it differs (FedAvgM restarts its momentum, FedAdam its moments)
     fresh = _server_opt(sets, after1, offset=1)
-    if name == "fedavgm":  # FedAvgM without its momentum cannot continue at all (Flower asserts it exists)
-        with pytest.raises(AssertionError):
-            fresh.aggregate_fit(1, updates[1], [])
-        return
     for rnd, res in enumerate(updates[1:], start=1):
         out_fresh = parameters_to_ndarrays(fresh.aggregate_fit(rnd, res, [])[0])[0]
     assert np.abs(out_fresh - out_full).max() > 1e-3
@@ -125,6 +121,31 @@ def test_fedavgm_momentum_moves_further_than_plain_averaging_on_repeated_updates
             current = parameters_to_ndarrays(strategy.aggregate_fit(rnd, [_fit(current + 1, 10)], [])[0])[0]
         return current
 
-    np.testing.assert_allclose(two_rounds(("federation.strategy=fedavgm",)), 2.0, atol=1e-6)
-    np.testing.assert_allclose(two_rounds(("federation.strategy=fedavgm", "federation.server_momentum=0.9")),
-                               2.9, atol=1e-6)
+    plain = ("federation.strategy=fedavgm", "federation.server_learning_rate=1.0")
+    np.testing.assert_allclose(two_rounds(plain), 2.0, atol=1e-6)
+    np.testing.assert_allclose(two_rounds(plain + ("federation.server_momentum=0.9",)), 2.9, atol=1e-6)
+    # The default under FFA-LoRA: a server step of twice the mean update, 2 a round.
+    np.testing.assert_allclose(two_rounds(("federation.strategy=fedavgm",)), 4.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("sets, want", [
+    ((), 2.0),                                                   # the defaults: FedAvgM under FFA-LoRA
+    (("lora.freeze_a=false",), 1.0),                             # A trained too: plain averaging
+    (("federation.server_learning_rate=0.5",), 0.5),             # as set
+    (("federation.strategy=fedadam",), 1e-2),
+    (("federation.strategy=fedavg",), None),
+])
+def test_server_learning_rate_unset_follows_the_strategy_and_ffa_lora(sets, want):
+    assert server_learning_rate(load_config(None, list(sets))) == want
+
+
+def test_fedavgm_momentum_starts_at_the_first_round_with_an_aggregate():
+    """Round 1 with no result (every site failed) aggregates nothing; round 2 then starts the
+    momentum (Flower's FedAvgM alone would assert that round 1 created it)."""
+    strategy = _server_opt(("federation.strategy=fedavgm", "federation.server_momentum=0.9",
+                            "federation.server_learning_rate=1.0"), np.zeros(3, np.float32))
+    assert strategy.aggregate_fit(1, [], [RuntimeError("site down")])[0] is None
+    current = np.zeros(3)
+    for rnd in (2, 3):
+        current = parameters_to_ndarrays(strategy.aggregate_fit(rnd, [_fit(current + 1, 10)], [])[0])[0]
+    np.testing.assert_allclose(current, 2.9, atol=1e-6)  # 1, then 1 + 0.9 + 1: momentum from round 2 on
