@@ -80,8 +80,9 @@ class SiteRoster:
         new = [n for n in self.connected() if n not in self.ready and self.health.eligible(n)]
         if self.preflight and new:
             for node, answer in ask_sites(grid, new, run_id, config_toml, self.stage_timeout).items():
-                if isinstance(answer, str):
-                    log.warning("pre-flight: node %d did not answer (%s); asked again next round", node, answer)
+                if isinstance(answer, str):  # no reply, or an error reply instead of a pre-flight answer
+                    what = "failed its pre-flight" if answer.startswith("error:") else "did not answer the pre-flight"
+                    log.warning("pre-flight: %s %s (%s); asked again next round", self.site(node), what, answer)
                     continue
                 self.node_site[node] = answer.site
                 if answer.ready:

@@ -30,7 +30,10 @@ REPO = Path(__file__).resolve().parents[1]
 def federation(tmp_path_factory, tiny_models):
     """Certificates for 127.0.0.1 with two registered sites and one unregistered key, two site
     data files (site-b: 5,000 training rows, above Flower's default SecAgg+ max_weight of 1000),
-    the coordinator's evaluation file and a 2-round DP run config."""
+    the coordinator's evaluation file and a newcomer's 2-round run config: only the model, the
+    evaluation file and the federation's size, so batch size ("auto"), learning rate ("auto"),
+    privacy (DP at epsilon 8), SecAgg+ and the strategy are fedtune's defaults, as the README
+    recommends."""
     root = tmp_path_factory.mktemp("deploy")
     certs = init_certs(root / "certs", ["localhost", "127.0.0.1"], ["site-a", "site-b"])
     rogue = root / "rogue"
@@ -43,28 +46,16 @@ def federation(tmp_path_factory, tiny_models):
 [model]
 name = "{tiny_models['bert']}"
 max_length = 24
-[lora]
-r = 4
-dropout = 0.0
 [data]
 eval = "{held}"
-[train]
-batch_size = 32
-physical_batch_size = 32
-epochs = 1
-[privacy]
-target_epsilon = 8.0
 [federation]
 sites = 2
 rounds = 2
-site_test_fraction = 0.2
-secure_aggregation = true
 """)
     # The same run from a hostile coordinator: a noise multiplier of 0.05 (epsilon in the
     # thousands). Each site must refuse it or stay within its own budget.
     hostile = root / "hostile.toml"
-    hostile.write_text(config.read_text().replace("target_epsilon = 8.0", "target_epsilon = 8.0\nnoise_multiplier = 0.05")
-                       .replace("rounds = 2", "rounds = 1"))
+    hostile.write_text(config.read_text().replace("rounds = 2", "rounds = 1") + "[privacy]\nnoise_multiplier = 0.05\n")
     return {"root": root, "certs": certs, "rogue": CertPaths(rogue).site_key("rogue"), "data": data, "config": config,
             "hostile": hostile}
 
@@ -158,7 +149,8 @@ def test_two_sites_run_a_dp_secagg_federation_over_tls(federation, procs, tmp_pa
     for r in records[1:]:
         assert set(r["bytes_up"]) == {"site-a", "site-b"} and all(v > 0 for v in r["bytes_up"].values())
         assert not r["failed"]
-        assert r["sites"]["site-b"]["examples"] == 5000  # trained every round
+        assert set(r["sites"]) == {"site-a", "site-b"}  # every site trained every round
+        assert r["sites"]["site-b"]["examples"] == 5000
         assert r["secagg_max_weight"] == 8192  # the bucket site-b declared in the pre-flight
     privacy = json.loads((out / "privacy.json").read_text())
     assert set(privacy["sites"]) == {"site-a", "site-b"}

@@ -229,6 +229,13 @@ def test_the_deployed_run_config_is_valid():
 
     cfg = load_config(DEPLOY / "run.toml")
     assert cfg.federation.secure_aggregation and cfg.privacy.enabled and cfg.data.eval is not None
+    # The README's recipe: what a newcomer gets without setting anything (the deployed tests run it).
+    defaults = load_config(None)
+    for section, key in [("train", "batch_size"), ("train", "learning_rate"), ("lora", "r"), ("lora", "alpha"),
+                         ("lora", "freeze_a"), ("privacy", "accountant"), ("privacy", "max_grad_norm"),
+                         ("federation", "strategy"), ("federation", "server_learning_rate")]:
+        ours, default = getattr(getattr(cfg, section), key), getattr(getattr(defaults, section), key)
+        assert ours == default, f"deploy/run.toml {section}.{key} = {ours!r}, the default is {default!r}"
 
 
 def test_the_server_checks_the_run_config_before_starting_anything(tmp_path):

@@ -115,6 +115,51 @@ def test_an_unknown_run_config_key_names_both_versions(site_file):
     assert "'federation.new_knob'" in reply.reason and __version__ in reply.reason and "9.9.9" in reply.reason
 
 
+def test_a_newcomers_run_config_with_auto_batch_and_learning_rate_passes_the_preflight(site_file):
+    """The defaults the README recommends: batch size and learning rate "auto", resolved by each
+    site from its own rows (a pre-flight that compared "auto" with a row count raised TypeError)."""
+    cfg = load_config(None, ['data.text_column="review"', 'data.label_column="sentiment"'])
+    assert cfg.train.batch_size == "auto" and cfg.train.learning_rate == "auto"
+    reply = check_site(PreflightRequest(run_id="r1", config=cfg.to_toml(), version=__version__), _settings(site_file))
+    assert reply.ready and reply.bucket == 32, reply
+
+
+def _query(request: PreflightRequest):
+    import time
+
+    from flwr.app import ConfigRecord, Metadata, RecordDict
+    from flwr.app.message.message import make_message
+    from flwr.app.message_type import MessageType
+
+    from fedtune.federation.preflight import RECORD
+
+    return make_message(Metadata(run_id=1, message_id="m-1", src_node_id=0, dst_node_id=7, reply_to_message_id="",
+                                 group_id="preflight", created_at=time.time(), ttl=3600.0,
+                                 message_type=MessageType.QUERY),
+                        RecordDict({RECORD: ConfigRecord(request.to_record())}))
+
+
+def test_a_preflight_that_fails_unexpectedly_is_a_generic_not_ready_with_the_traceback_at_the_site(
+        site_file, tmp_path, monkeypatch):
+    from fedtune.client import preflight as site_preflight
+    from fedtune.federation.preflight import RECORD, PreflightReply
+
+    def broken(request, settings):
+        raise TypeError(f"'<' not supported for {settings.data_path}")  # text that must stay at the site
+
+    monkeypatch.setattr(site_preflight, "check_site", broken)
+    state = tmp_path / "state"
+    context = SimpleNamespace(node_config={"data-path": str(site_file), "site-id": "hospital-a",
+                                           "state-dir": str(state)})
+    reply = site_preflight.preflight_mod(_query(_request()), context, call_next=None)
+    assert not reply.has_error()  # an answer the coordinator reads, not "did not answer"
+    answer = PreflightReply.from_record(reply.content.config_records[RECORD])
+    assert (answer.site, answer.ready, answer.reason) == ("hospital-a", False, "internal error")
+    assert str(site_file) not in str(reply.content)
+    site_log = (state / "site.log").read_text()
+    assert "pre-flight failed" in site_log and "TypeError" in site_log and str(site_file) in site_log
+
+
 # -- the pre-flight at the coordinator ------------------------------------------------------------
 
 class _PreflightGrid:

@@ -74,7 +74,9 @@ def check_site(request: PreflightRequest, settings) -> PreflightReply:
     fraction = settings.test_fraction if settings.test_fraction is not None else cfg.federation.site_test_fraction
     held = min(len(rows) - 1, max(1, round(len(rows) * fraction))) if fraction > 0 and len(rows) >= 2 else 0
     train = len(rows) - held
-    if train < cfg.train.batch_size:
+    # ``auto`` resolves at the site to a batch of at most its training rows (training/auto.py's
+    # ladder ends at the row count), so only an explicit number can be too large.
+    if isinstance(cfg.train.batch_size, int) and train < cfg.train.batch_size:
         return refuse(f"fewer training rows than train.batch_size = {cfg.train.batch_size}",
                       f"{train} training rows")
     log.info("pre-flight for run %s: ready (%d training rows)", request.run_id, train)
