@@ -45,12 +45,23 @@ class DatasetView(BaseModel):
     runs: list[RunView]
 
 
+class RunReview(BaseModel):
+    """A run this site accepted or refused before answering it (client/approval.py)."""
+
+    run_id: str
+    time: str
+    accepted: bool
+    bundle: str
+    reason: str = ""
+
+
 class LedgerView(BaseModel):
     path: str
     verified: bool
     problem: Optional[str] = None
     entries: int
     datasets: list[DatasetView]
+    runs_reviewed: list[RunReview] = []
 
 
 def lifetime_cap_from_settings(settings_file: Optional[Path]) -> Optional[float]:
@@ -75,8 +86,12 @@ def ledger_view(state_dir: Path, lifetime_cap: Optional[float] = None, delta: Op
     datasets = []
     for name in dict.fromkeys(e.dataset for e in entries):
         datasets.append(_dataset_view(name, [e for e in entries if e.dataset == name], lifetime_cap, delta))
+    from .approval import run_decisions
+
+    reviewed = [RunReview(**d.model_dump(include={"run_id", "time", "accepted", "bundle", "reason"}))
+                for d in run_decisions(state_dir)]
     return LedgerView(path=str(ledger.path), verified=verified, problem=problem, entries=len(entries),
-                      datasets=datasets)
+                      datasets=datasets, runs_reviewed=reviewed)
 
 
 def _dataset_view(name: str, entries: list[LedgerEntry], cap: Optional[float], delta: Optional[float]) -> DatasetView:
@@ -142,6 +157,10 @@ def format_ledger_view(view: LedgerView) -> str:
         widths = [max(len(x[i]) for x in [header, *rows]) for i in range(len(header))]
         for row in [header, *rows]:
             lines.append("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+    lines += ["", f"runs reviewed before answering: {len(view.runs_reviewed)}"]
+    for r in view.runs_reviewed:
+        verdict = "accepted" if r.accepted else f"REFUSED ({r.reason})"
+        lines.append(f"  {r.time}  run {r.run_id}  bundle {r.bundle[:16]}  {verdict}")
     return "\n".join(lines)
 
 

@@ -51,6 +51,9 @@ class SiteSettings(BaseModel):
     # The unit of privacy (fedtune/data/units.py): an identifier column, at most k rows per unit.
     privacy_unit: Optional[str] = Field(None, alias="privacy-unit")
     max_rows_per_unit: int = Field(1, alias="max-rows-per-unit", ge=1)
+    # The fedtune app versions whose runs this site answers (comma-separated; unset: the installed
+    # fedtune's). The code that answers is always the installed fedtune (client/approval.py).
+    accept_app_versions: Optional[str] = Field(None, alias="accept-app-versions")
 
     @property
     def simulated(self) -> bool:

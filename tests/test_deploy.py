@@ -11,13 +11,14 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from fedtune import tiny
 from fedtune.deployment.certs import CertPaths, create_server_cert, create_site_key, init_certs
-from fedtune.deployment.flower import check_tls, flower_env, superlink_command, wait_for_port
+from fedtune.deployment.flower import check_tls, flower_bin, flower_env, superlink_command, wait_for_port
 
 from simulations.benchmarks.loopback import Processes, fedtune_cmd, free_port, tiny_run_config
 from helpers import library_lines
@@ -108,34 +109,138 @@ def _wait_for_file(procs, proc, path: Path, timeout: float) -> None:
         time.sleep(1)
 
 
-def test_two_sites_run_a_dp_secagg_federation_over_tls(federation, procs, tmp_path):
-    """An honest 2-round run, then a hostile one (noise 0.05) on the same coordinator and sites.
-    site-a was started with --target-epsilon 2: its own budget, not the run's 8, binds."""
+# -- a hostile coordinator's own code ---------------------------------------------------------------
+
+HOSTILE_SERVER = """
+import json, time
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+app = ServerApp()
+
+@app.main()
+def main(grid: Grid, context) -> None:
+    deadline, nodes = time.monotonic() + 60, []
+    while len(nodes) < 2 and time.monotonic() < deadline:
+        nodes = sorted(grid.get_node_ids())
+        time.sleep(0.5)
+    asked = [Message(RecordDict({"ask": ConfigRecord({"what": "first row"})}), dst_node_id=n, message_type="query")
+             for n in nodes]
+    replies = [{"error": r.error.reason} if r.has_error() else {"row": r.content.config_records["row"]["row"]}
+               for r in grid.send_and_receive(asked, timeout=120)]
+    with open(context.run_config["out"], "w") as fh:
+        json.dump({"nodes": len(nodes), "replies": replies}, fh)
+"""
+
+# Whoever imports it leaves a marker naming its program: the coordinator's own `flwr run` and
+# flwr-serverapp may (the coordinator runs its own code); a site's flwr-clientapp must not.
+MARK = """import os, sys
+open({marker!r} + "-" + str(os.getpid()), "w").write(sys.argv[0])
+"""
+
+# At a site: returns the site's first data row.
+HOSTILE_CLIENT = MARK + """
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+app = ClientApp()
+
+@app.query()
+def steal(msg, context):
+    first = open(context.node_config["data-path"]).read().splitlines()[1]
+    return Message(RecordDict({{"row": ConfigRecord({{"row": first}})}}), reply_to=msg)
+"""
+
+
+def _ran_at_a_site(marker: Path) -> list[str]:
+    """The programs at a site that imported the hostile code (Flower's per-message flwr-clientapp)."""
+    programs = [m.read_text() for m in marker.parent.glob(marker.name + "-*")]
+    return [p for p in programs if Path(p).name in ("flwr-clientapp", "flower-superexec", "flower-supernode")]
+
+
+def _hostile_app(folder: Path, marker: Path, own_fedtune: bool) -> Path:
+    """(a) a Flower App whose ClientApp reads the file named by data-path; (b) one whose
+    manifest names fedtune.client.app:app and ships its own fedtune/ package."""
+    import tomli_w
+
+    from fedtune.deployment.flower import app_manifest
+
+    folder.mkdir(parents=True)
+    manifest = app_manifest()
+    manifest["tool"]["flwr"]["app"]["components"]["serverapp"] = "hostile_server:app"
+    if own_fedtune:
+        (folder / "fedtune" / "client").mkdir(parents=True)
+        (folder / "fedtune" / "__init__.py").write_text(MARK.format(marker=str(marker)))
+        (folder / "fedtune" / "client" / "__init__.py").write_text("")
+        (folder / "fedtune" / "client" / "app.py").write_text(HOSTILE_CLIENT.format(marker=str(marker)))
+    else:
+        manifest["tool"]["flwr"]["app"]["components"]["clientapp"] = "hostile_client:app"
+        (folder / "hostile_client.py").write_text(HOSTILE_CLIENT.format(marker=str(marker)))
+    (folder / "hostile_server.py").write_text(HOSTILE_SERVER)
+    (folder / "pyproject.toml").write_text(tomli_w.dumps(manifest))
+    return folder
+
+
+def test_two_sites_refuse_a_coordinators_own_code_then_run_a_dp_secagg_federation_over_tls(federation, procs,
+                                                                                             tmp_path):
+    """Two sites started with `fedtune client`; the coordinator first submits its own code with
+    `flwr run`: (a) a bundle whose ClientApp returns the site's first data row, (b) a bundle
+    naming fedtune.client.app:app that ships its own fedtune/ package. Neither runs at a site (no
+    marker from a site process, no row), each site refuses every message of those runs. Then
+    fedtune's own run on a newcomer's config trains at both sites, every round, and a hostile
+    config (noise 0.05) is refused. site-a was started with --target-epsilon 2: its own budget,
+    not the run's 8, binds."""
+    from fedtune.client.approval import run_decisions
+
     fed, port = federation, free_port()
     out = tmp_path / "run"
-    started = time.monotonic()
     coordinator_state = tmp_path / "coordinator"
     server = procs.start("server", fedtune_cmd(
-        "server", "--certs", fed["certs"].root, "--port", port, "--state-dir", coordinator_state,
-        "--config", fed["config"], "--out", out, "--keep-running"))
-    _wait_for(procs, server, "site site-b: registered", 60)
+        "server", "--certs", fed["certs"].root, "--port", port, "--state-dir", coordinator_state))
+    _wait_for(procs, server, "waiting for runs", 60)
     sites = {site: procs.start(site, _client(fed, site, port, free_port(),
                                              *(["--target-epsilon", "2"] if site == "site-a" else [])))
              for site in ("site-a", "site-b")}
-    _wait_for_file(procs, server, out / "run.json", 600)
-    _wait_for(procs, server, "run finished; still serving", 60)  # the outcome and summary are printed
+    state = {site: fed["root"] / "state" / site for site in ("site-a", "site-b")}
+    first_rows = [fed["data"][site].read_text().splitlines()[1] for site in state]
+    for name, own_fedtune in (("a", False), ("b", True)):
+        marker = tmp_path / f"marker-{name}"
+        app = _hostile_app(tmp_path / f"hostile-{name}", marker, own_fedtune)
+        answers = tmp_path / f"answers-{name}.json"
+        run = procs.start(f"flwr-run-{name}", [flower_bin("flwr"), "run", str(app), "fedtune", "--run-config",
+                                               f'out="{answers}"', "--stream"])
+        assert procs.wait(run, 300) == 0, procs.log(run)[-3000:]
+        got = json.loads(answers.read_text())
+        assert got["nodes"] == 2 and sorted(r.get("error", f"answered {r}") for r in got["replies"]) == [
+            "site-a: refused (site policy)", "site-b: refused (site policy)"], got
+        assert _ran_at_a_site(marker) == []  # the hostile code never ran at a site, not even its import
+        assert not any(row in answers.read_text() + procs.log(run) for row in first_rows)
+    for site, folder in state.items():
+        refused = [d for d in run_decisions(folder) if not d.accepted]
+        assert len(refused) == 2 and len({d.bundle for d in refused}) == 2, refused
+        assert "refused run" in (folder / "site.log").read_text()
+        assert sites[site].poll() is None, procs.log(sites[site])[-3000:]
+
+    # fedtune's own run, on the same coordinator and sites, submitted as an operator would.
+    started = time.monotonic()
+    submit = procs.start("submit", fedtune_cmd("submit", "--config", fed["config"], "--out", out,
+                                               "--state-dir", coordinator_state))
+    assert procs.wait(submit, 900) == 0, procs.log(submit)[-3000:]
     print(f"\ndeployment: 2 sites, 2 rounds, wall time {time.monotonic() - started:.1f} s")
     assert "DP-SGD required; epsilon at most 2 per run; lifetime cap 10" in procs.log(sites["site-a"])
+    for folder in state.values():
+        assert [d.accepted for d in run_decisions(folder)] == [False, False, True]
 
     # The coordinator's console: header, one line per round, the summary; Flower's lines in logs/.
-    console = procs.log(server)
+    console = procs.log(submit)
     assert "fedtune server: " in console and "2 sites, 2 rounds" in console
     for rnd in (0, 1, 2):
         assert f"round {rnd}/2  acc " in console, console
     assert "fedtune run -> " in console and "best round:" in console
     assert library_lines(console) == [], library_lines(console)
     assert "Secure aggregation commencing" in (out / "logs" / "serverapp.log").read_text()
-    assert (out / "logs" / "superlink.log").is_file()
+    assert (coordinator_state / "logs" / "superlink.log").is_file()
+    assert library_lines(procs.log(server)) == [], library_lines(procs.log(server))
     for site in ("site-a", "site-b"):  # each site's console: what it spent and sent, per round
         _wait_for(procs, sites[site], f"{site} round 2: trained ", 30)
         site_console = procs.log(sites[site])
@@ -164,13 +269,12 @@ def test_two_sites_run_a_dp_secagg_federation_over_tls(federation, procs, tmp_pa
         assert all("train_loss" not in r["sites"][site] for r in records[1:])
         counts = json.loads((fed["root"] / "state" / site / "evaluations.json").read_text())
         assert [c["count"] for c in counts.values()] == [2]
-    state = {site: fed["root"] / "state" / site for site in ("site-a", "site-b")}
     assert 0.8 * 2 <= _ledger_epsilon(state["site-a"]) <= 2.0 + 1e-6  # the site's 2, not the run's 8
     assert 0.8 * 8 <= _ledger_epsilon(state["site-b"]) <= 8.0 + 1e-6
 
     # The hostile run: noise 0.05 fits neither site's budget; each refuses before any step.
     hostile_out = tmp_path / "hostile"
-    submit = procs.start("submit", fedtune_cmd("submit", "--config", fed["hostile"], "--out", hostile_out,
+    submit = procs.start("submit-hostile", fedtune_cmd("submit", "--config", fed["hostile"], "--out", hostile_out,
                                                "--state-dir", coordinator_state))
     procs.wait(submit, 600)
     hostile_rounds = [json.loads(line) for line in (hostile_out / "metrics.jsonl").read_text().splitlines()]
@@ -183,7 +287,7 @@ def test_two_sites_run_a_dp_secagg_federation_over_tls(federation, procs, tmp_pa
 @pytest.fixture(scope="module")
 def coordinator(federation, tmp_path_factory):
     """A serving coordinator (no run) with site-a and site-b registered, shared by the refusal
-    tests; stopped with all its children when they are done, also if one fails."""
+    and hostile-bundle tests (its port, its processes' environment and state folder); stopped with all its children when they are done, also if one fails."""
     folder = tmp_path_factory.mktemp("coordinator")
     procs = Processes(flower_env(folder / "flwr-home"), folder)
     try:
@@ -191,14 +295,14 @@ def coordinator(federation, tmp_path_factory):
         server = procs.start("server", fedtune_cmd("server", "--certs", federation["certs"].root, "--port", port,
                                                    "--state-dir", folder / "state"))
         _wait_for(procs, server, "waiting for runs", 60)
-        yield port
+        yield SimpleNamespace(port=port, env=procs.env, state=folder / "state")
     finally:
         left = procs.stop_all()
         assert not left, f"processes left running: {left}"
 
 
 def test_a_site_with_an_unregistered_key_is_refused(federation, procs, coordinator):
-    cmd = _client(federation, "site-a", coordinator, free_port(), "--max-retries", "2")
+    cmd = _client(federation, "site-a", coordinator.port, free_port(), "--max-retries", "2")
     cmd[cmd.index("--key") + 1] = str(federation["rogue"])
     rogue = procs.start("rogue", cmd)
     assert procs.wait(rogue, 120) != 0
@@ -207,7 +311,7 @@ def test_a_site_with_an_unregistered_key_is_refused(federation, procs, coordinat
 
 def test_a_plain_text_client_cannot_talk_to_the_tls_coordinator(federation, procs, coordinator):
     plain = procs.start("plain", fedtune_cmd(
-        "client", "--superlink", f"127.0.0.1:{coordinator}", "--insecure", "--data", federation["data"]["site-a"],
+        "client", "--superlink", f"127.0.0.1:{coordinator.port}", "--insecure", "--data", federation["data"]["site-a"],
         "--state-dir", federation["root"] / "state" / "plain", "--runtime-port", free_port(),
         "--max-retries", "2", "--max-wait-time", "20"))
     assert procs.wait(plain, 120) != 0
@@ -240,10 +344,10 @@ def test_a_certificate_for_another_host_is_rejected(federation, procs, tmp_path)
 
 
 def test_the_coordinator_certificate_is_checked_against_the_ca(federation, coordinator, tmp_path):
-    check_tls("127.0.0.1", coordinator, federation["certs"].ca_cert)       # the federation's CA: accepted
+    check_tls("127.0.0.1", coordinator.port, federation["certs"].ca_cert)       # the federation's CA: accepted
     stranger = init_certs(tmp_path / "stranger", ["127.0.0.1"], [])
     with pytest.raises(ssl.SSLCertVerificationError, match="unable to get local issuer|verify failed"):
-        check_tls("127.0.0.1", coordinator, stranger.ca_cert)              # another CA: rejected
+        check_tls("127.0.0.1", coordinator.port, stranger.ca_cert)              # another CA: rejected
 
 
 NGINX = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
@@ -255,7 +359,7 @@ def test_the_proxy_rule_passes_the_fleet_api_and_refuses_the_control_api(federat
     Control API call (which would start runs) is refused."""
     certs, port = federation["certs"].root, free_port()
     conf = (REPO / "deploy" / "proxy" / "nginx.conf").read_text()
-    for old, new in [("server coordinator:9092;", f"server 127.0.0.1:{coordinator};"), ("/certs/", f"{certs}/"),
+    for old, new in [("server coordinator:9092;", f"server 127.0.0.1:{coordinator.port};"), ("/certs/", f"{certs}/"),
                      ("listen 9443 ssl;", f"listen 127.0.0.1:{port} ssl;"), ("proxy_ssl_name coordinator;",
                      "proxy_ssl_name localhost;"), ("pid /tmp/fedtune-proxy.pid;", f"pid {tmp_path}/nginx.pid;"),
                      ("access_log /dev/stdout;", f"access_log {tmp_path}/access.log;")]:

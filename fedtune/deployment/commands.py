@@ -78,7 +78,6 @@ def add_deployment_commands(sub) -> None:
                    help="accept runs without DP, with noise 0 or past the budget (tests and audits only; "
                         "default: refuse them)")
     p.add_argument("--runtime-port", type=int, default=9094, help="the SuperNode's local port for its ClientApps")
-    p.add_argument("--isolation", choices=["subprocess", "process"], default="subprocess")
     p.add_argument("--max-retries", type=int, help="give up after this many failed connection attempts")
     p.add_argument("--max-wait-time", type=float, help="give up after this many seconds without a connection")
     p.add_argument("--insecure", action="store_true", help="no TLS, no authentication (local trials only)")
@@ -112,6 +111,8 @@ _SITE_FLAGS = [
     ("report-clipping", lambda v: _flag_bool(v), "true/false: send how many values SecAgg+ clipped (default false)"),
     ("privacy-unit", str, "identifier column (e.g. patient id): bound each unit's rows, report its epsilon"),
     ("max-rows-per-unit", int, "with --privacy-unit: the most rows one unit contributes (default 1)"),
+    ("accept-app-versions", str, "fedtune app versions whose runs this site answers, comma-separated "
+                                 "(default: the installed fedtune's)"),
 ]
 
 
@@ -190,5 +191,5 @@ def _cmd_client(args) -> int:
     return run_agent(ClientOptions(
         superlink=args.superlink, ca=args.ca, key=args.key, settings_file=args.settings, settings=settings,
         runtime_port=args.runtime_port, insecure=args.insecure, max_retries=args.max_retries,
-        max_wait_time=args.max_wait_time, isolation=args.isolation, verbose=args.verbose,
+        max_wait_time=args.max_wait_time, verbose=args.verbose,
     ))

@@ -122,17 +122,15 @@ def register_site_key(public_key: Path, connection: str, env: dict) -> str:
     raise DeploymentError(f"registering {public_key} failed: {text.strip()}")
 
 
-def write_flower_app(folder: Path) -> Path:
-    """A Flower App whose components are the installed fedtune.server / fedtune.client, for
-    `flwr run` from any installation (the repository's own pyproject works from a checkout).
-    The bundle then carries no code; the sites run the fedtune they installed. Flower still
-    lets a coordinator send any bundle: see the threat model in the README."""
-    folder.mkdir(parents=True, exist_ok=True)
-    manifest = {
+def app_manifest(version: str = __version__) -> dict:
+    """The ``pyproject.toml`` of fedtune's Flower App: components that name the installed
+    fedtune.server / fedtune.client, and no code. A site runs a run only when its bundle is this
+    manifest (client/approval.py), whatever code a bundle carries."""
+    return {
         "project": {
-            "name": "fedtune-app", "version": __version__, "license": "Apache-2.0",
+            "name": "fedtune-app", "version": version, "license": "Apache-2.0",
             "description": "fedtune's ServerApp and ClientApp (installed package)",
-            "dependencies": [f"flwr[simulation]=={FLOWER_VERSION}", f"fedtune=={__version__}"],
+            "dependencies": [f"flwr[simulation]=={FLOWER_VERSION}", f"fedtune=={version}"],
         },
         "tool": {"flwr": {"app": {
             "publisher": "fedtune",
@@ -141,7 +139,14 @@ def write_flower_app(folder: Path) -> Path:
                        "overrides": ""},
         }}},
     }
-    (folder / "pyproject.toml").write_text(tomli_w.dumps(manifest))
+
+
+def write_flower_app(folder: Path) -> Path:
+    """fedtune's Flower App (:func:`app_manifest`), for `flwr run` from any installation. The
+    bundle carries no code; each site checks that a run's bundle is exactly this before it
+    answers, and runs the fedtune it installed (client/site_process.py)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pyproject.toml").write_text(tomli_w.dumps(app_manifest()))
     return folder
 
 
@@ -164,9 +169,14 @@ def submit_command(app_dir: Path, connection: str, config: Path, out: Path, resu
 
 def supernode_command(superlink: str, node_config: Path, runtime_port: int, ca_cert: Optional[Path],
                       private_key: Optional[Path], insecure: bool = False, max_retries: Optional[int] = None,
-                      max_wait_time: Optional[float] = None, isolation: str = "subprocess") -> list[str]:
+                      max_wait_time: Optional[float] = None) -> list[str]:
+    """The site's SuperNode. Its Runtime API (for the site's own message processes) listens on
+    this machine's loopback only; each message runs in a fresh process that Flower starts as
+    ``flwr-clientapp`` from PATH, which the site agent points at fedtune's own
+    (client/site_process.py). Flower 1.42 takes a SuperExec auth secret only with
+    ``--isolation process``; under ``subprocess`` each message process holds a per-task token."""
     cmd = [flower_bin("flower-supernode"), "--superlink", superlink, "--node-config", str(node_config),
-           "--port", str(runtime_port), "--isolation", isolation]
+           "--host", "127.0.0.1", "--port", str(runtime_port), "--isolation", "subprocess"]
     if max_retries is not None:
         cmd += ["--max-retries", str(max_retries)]
     if max_wait_time is not None:

@@ -3,6 +3,7 @@ site's private key and hands the site's settings to fedtune's ClientApp as node 
 
 from __future__ import annotations
 
+import os
 import stat
 import subprocess
 import sys
@@ -37,7 +38,6 @@ class ClientOptions:
     insecure: bool = False
     max_retries: Optional[int] = None
     max_wait_time: Optional[float] = None
-    isolation: str = "subprocess"
     verbose: bool = False          # the SuperNode's own log on the console too
 
 
@@ -94,6 +94,17 @@ def node_config_file(settings, state_dir: Path) -> Path:
     return path
 
 
+def site_env(state: Path) -> dict[str, str]:
+    """The SuperNode's environment: fedtune's own ``flwr-clientapp`` first on PATH, so every
+    message is answered by the fedtune installed here, never by code from a run's bundle
+    (client/site_process.py)."""
+    from fedtune.client.site_process import install_launcher
+
+    env = flower_env()
+    env["PATH"] = f"{install_launcher(state)}{os.pathsep}{env['PATH']}"
+    return env
+
+
 def _policy_line(settings) -> str:
     from fedtune.client.policy import SitePolicy
 
@@ -109,7 +120,7 @@ def run_agent(opts: ClientOptions) -> int:
     elif opts.key is not None and Path(opts.key).is_file():
         _check_key(Path(opts.key))
     cmd = supernode_command(opts.superlink, node_config_file(settings, state), opts.runtime_port, opts.ca, opts.key,
-                            opts.insecure, opts.max_retries, opts.max_wait_time, opts.isolation)
+                            opts.insecure, opts.max_retries, opts.max_wait_time)
     log_path = state / "logs" / "supernode.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     print(f"fedtune client: site '{settings.site_id}' -> {opts.superlink} "
@@ -121,7 +132,7 @@ def run_agent(opts: ClientOptions) -> int:
     with processes.terminate_on_signals(), open(log_path, "ab") as flower_log:
         # Flower's SuperNode (and its ClientApps) log to the file; with --verbose to the console too.
         output = {} if opts.verbose else {"stdout": flower_log, "stderr": subprocess.STDOUT}
-        supernode = processes.start(cmd, flower_env(), **output)
+        supernode = processes.start(cmd, site_env(state), **output)
         rc = 130
         try:
             rc = supernode.wait()
