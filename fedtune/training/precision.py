@@ -44,20 +44,24 @@ def autocast(precision: str, device: torch.device):
 
 
 class PerSampleLossScaler:
-    """Dynamic loss scaling for fp16 that works with per-sample gradients.
+    """A fixed loss scale for fp16 that works with per-sample gradients.
 
     torch's GradScaler unscales only ``p.grad``; Opacus builds its update from
     ``p.grad_sample``, which the scaler never touches. Here the per-sample gradients are
     unscaled in fp32 before the DP step. A sample whose gradient overflowed contributes
-    zero (as if clipped to norm 0), so the step, and its privacy accounting, still happen
-    and which samples overflowed never changes what is released beyond that sample.
+    zero (as if clipped to norm 0), so the step, and its privacy accounting, still happen.
+
+    The scale is chosen before training and never changes. A dynamic scale (halved after an
+    overflow, grown after clean steps) is state shared by every later batch and set by the data:
+    one example that overflows would change how later examples are scaled, and so whether
+    they overflow and are zeroed, an influence on other rows' contributions that the clip norm
+    does not bound and DP-SGD's accounting does not cover. With a fixed scale each example's
+    contribution depends on that example alone.
     """
 
-    def __init__(self, init_scale: float = 2.0**12, growth_interval: int = 200):
-        self.scale = float(init_scale)
-        self.growth_interval = growth_interval
-        self._clean_steps = 0
-        self.overflowed_samples = 0
+    def __init__(self, scale: float = 2.0**12):
+        self.scale = float(scale)
+        self.overflowed_samples = 0   # for the site's own log; never sent
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         return loss * self.scale
@@ -77,10 +81,3 @@ class PerSampleLossScaler:
                 if getattr(p, "grad_sample", None) is not None:
                     p.grad_sample[bad] = 0.0
             self.overflowed_samples += int(bad.sum())
-            self.scale = max(self.scale / 2.0, 1.0)
-            self._clean_steps = 0
-        else:
-            self._clean_steps += 1
-            if self._clean_steps >= self.growth_interval:
-                self.scale *= 2.0
-                self._clean_steps = 0
