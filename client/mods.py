@@ -28,7 +28,9 @@ def private_errors_mod(msg: Message, context: Context, call_next) -> Message:
     """The outermost mod: whatever fails at the site, the coordinator gets only a generic reason
     ("site-2: data error"); the full message stays in the site's log (client/replies.py).
     Flower would otherwise forward the exception's text, with the site's paths and values."""
-    from .replies import SiteReplyError, log_failure
+    from fedtune.federation.refusal import INTERNAL_ERROR
+
+    from .replies import SiteReplyError, log_failure, safe_site_id
 
     try:
         return call_next(msg, context)
@@ -41,5 +43,8 @@ def private_errors_mod(msg: Message, context: Context, call_next) -> Message:
             site_id, folder = settings.site_id, settings.state_dir
         except Exception:  # noqa: BLE001 - a bad node config is itself only logged here
             pass
-        reason = log_failure(site_id, exc, folder, what=str(msg.metadata.message_type))
+        try:
+            reason = log_failure(site_id, exc, folder, what=str(msg.metadata.message_type))
+        except Exception:  # noqa: BLE001 - logging the failure failed too: still only the generic words
+            reason = f"{safe_site_id(site_id)}: {INTERNAL_ERROR}"
     return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)

@@ -118,7 +118,7 @@ def answer(message, context, run_id, bundle: bytes):
     from flwr.app import Error, Message
     from flwr.common.constant import ErrorCode
 
-    from fedtune.federation.refusal import REFUSED_POLICY
+    from fedtune.federation.refusal import INTERNAL_ERROR, REFUSED_POLICY
 
     from .approval import accepted_versions, record_decision, review_bundle
     from .replies import log_failure, safe_site_id, write_site_log
@@ -142,5 +142,8 @@ def answer(message, context, run_id, bundle: bytes):
 
         return app(message=message, context=context)
     except Exception as exc:  # noqa: BLE001 - every failure becomes a generic reply
-        reason = log_failure(site_id, exc, folder, what=str(message.metadata.message_type))
+        try:
+            reason = log_failure(site_id, exc, folder, what=str(message.metadata.message_type))
+        except Exception:  # noqa: BLE001 - even if the site cannot log it
+            reason = f"{safe_site_id(site_id)}: {INTERNAL_ERROR}"
         return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)

@@ -9,12 +9,15 @@ from being sent (a refused round)."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
 from flwr.app import Context, Message
 
 TRAFFIC_FILE = "traffic.jsonl"
+
+log = logging.getLogger("fedtune.client.site")
 
 
 def _bytes(msg: Message) -> int:
@@ -43,6 +46,12 @@ def traffic_mod(msg: Message, context: Context, call_next) -> Message:
 
 
 def _append(folder: Path, entry: dict) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    with (folder / TRAFFIC_FILE).open("a", encoding="utf-8") as fh:
-        fh.write(json.dumps(entry) + "\n")
+    """One line for the site's console; a line that cannot be written (a full disk, a broken
+    state folder) is only logged here: it must never turn into the reply, whose error text
+    Flower would forward to the coordinator with the site's path in it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with (folder / TRAFFIC_FILE).open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(entry) + "\n")
+    except OSError as err:
+        log.warning("cannot record the site's traffic in %s: %s", folder, err)

@@ -176,3 +176,18 @@ def test_an_approved_run_is_answered_by_the_installed_fedtune(tmp_path):
     assert not reply.has_error()
     assert PreflightReply.from_record(reply.content.config_records[RECORD]).ready
     assert [(d.run_id, d.accepted) for d in run_decisions(state)] == [("8", True)]
+
+
+def test_a_broken_state_folder_still_answers_only_generic_words(tmp_path):
+    from flwr.app import RecordDict
+    from flwr.app.message_type import MessageType
+    from flwr.common.serde import message_to_proto
+
+    data = tiny.write_csv(tiny.separable_rows(20, seed=1), tmp_path / "site-a.csv")
+    state = tmp_path / "private-state"
+    state.write_text("a file where the state folder should be")
+    context = SimpleNamespace(node_config={"data-path": str(data), "site-id": "site-a", "state-dir": str(state)})
+    hostile = _zip({"pyproject.toml": tomli_w.dumps(app_manifest()).encode(), "x.py": b""})
+    reply = answer(_message(MessageType.TRAIN, RecordDict()), context, 9, hostile)
+    assert reply.has_error() and reply.error.reason == "site-a: internal error"
+    assert b"private-state" not in message_to_proto(reply).SerializeToString()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Context, Message, Metadata, RecordDict
+from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 from flwr.app.message.message import make_message
 from flwr.app.message_type import MessageType
 from flwr.common import FitIns, EvaluateIns, ndarrays_to_parameters
@@ -105,6 +105,33 @@ def test_a_plain_update_refused_by_policy_says_so_and_no_more(tmp_path):
     node["require-secure-aggregation"] = True
     reply = app(_message(MessageType.TRAIN, {"x": 1}), _context(node))
     assert reply.error.reason == "clinic-7: refused (site policy)"
+
+
+@pytest.mark.parametrize("kind", [MessageType.TRAIN, MessageType.EVALUATE, MessageType.QUERY])
+def test_a_broken_state_folder_reaches_the_coordinator_only_as_a_generic_reason(tmp_path, kind):
+    """A file where the state folder should be (as a full disk would, every write there fails):
+    whatever the message, the reply is a generic reason or an ordinary answer, never the path
+    or the exception's text (traffic_mod's own write, the failure log, the refusal)."""
+    from fedtune.config import load_config
+    from fedtune.federation.preflight import RECORD, PreflightRequest
+
+    state = tmp_path / "secret-ward-state"
+    state.write_text("not a folder")
+    data = tiny.write_csv(tiny.separable_rows(20, seed=4), tmp_path / "g.csv")
+    node = _node_config(data, state)
+    node["require-secure-aggregation"] = True  # a train message without SecAgg+ is refused: a failure path
+    if kind == MessageType.QUERY:
+        request = PreflightRequest(run_id="r", config=load_config(None).to_toml(), version="0")
+        msg = make_message(Metadata(run_id=1, message_id="m-2", src_node_id=0, dst_node_id=7, reply_to_message_id="",
+                                    group_id="1", created_at=time.time(), ttl=3600.0, message_type=kind),
+                           RecordDict({RECORD: ConfigRecord(request.to_record())}))
+    else:
+        msg = _message(kind, {"x": 1})
+    reply = make_client_app()(msg, _context(node))
+    sent = message_to_proto(reply).SerializeToString()
+    assert b"secret-ward-state" not in sent and b"Error" not in sent.replace(b"error", b""), sent
+    if reply.has_error():
+        assert reply.error.reason in ("clinic-7: refused (site policy)", "clinic-7: internal error"), reply.error.reason
 
 
 @pytest.mark.parametrize("exc, kind", [
