@@ -27,9 +27,9 @@ from .budget import BudgetRefusal, SiteBudget
 from .evaluation_policy import EvaluationAllowance
 from .policy import run_terms, site_policy
 from .replies import guarded, write_site_log
-from .runtime import SiteRuntime, site_runtime, state_dir
+from .runtime import SiteRuntime, site_runtime
 from .secret import dp_seeds, public_seeds, site_key
-from .settings import SiteSettings
+from .settings import SiteSettings, state_dir
 
 log = logging.getLogger(__name__)
 

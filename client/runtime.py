@@ -19,8 +19,8 @@ from fedtune.config import FedTuneConfig
 from fedtune.data import LabelMap, SiteData, pad_collate
 from fedtune.data.cleaning import CleaningReport, clean_rows
 from fedtune.data.readers import read_table
-from fedtune.data.site import data_columns, encode_rows, hold_out
-from fedtune.data.units import UnitReport, bound_units, duplicate_report, unit_seed
+from fedtune.data.site import data_columns, encode_rows
+from fedtune.data.units import UnitReport, bound_units, duplicate_report
 from fedtune.local import Site, seed_everything
 from fedtune.model import build_model, load_tokenizer, resolve_device
 from fedtune.privacy.ledger import dataset_fingerprint
@@ -28,7 +28,7 @@ from fedtune.training.precision import resolve_precision
 from fedtune.training.auto import resolve_train
 from fedtune.training.trainer import dp_sample_rate, steps_per_epoch
 
-from .settings import SiteSettings
+from .settings import SiteSettings, site_test_fraction
 
 log = logging.getLogger("fedtune.client.site")
 
@@ -105,12 +105,28 @@ def _site_rows(cfg: FedTuneConfig, settings: SiteSettings, config_toml: str,
 
     if state_folder is None:
         raise RuntimeError("bounding rows per privacy unit needs the site's state folder (its secret key)")
-    seed = unit_seed(site_key(state_folder), settings.privacy_unit)
-    rows, units = bound_units(rows, settings.privacy_unit, settings.max_rows_per_unit, seed, str(path))
+    rows, units = bound_units(rows, settings.privacy_unit, settings.max_rows_per_unit, site_key(state_folder),
+                              cols, str(path))
     log.info("%s: %s", settings.site_id, units.summary())
     if settings.privacy_unit not in cols:
         rows = rows.drop(columns=[settings.privacy_unit])
     return rows, str(path), units
+
+
+def site_split(rows: pd.DataFrame, cols: list[str], fraction: float, state_folder: Optional[Path],
+               source: str) -> tuple[pd.DataFrame, Optional[pd.DataFrame]]:
+    """The site's training rows and local test rows, by keyed hash with the site's secret
+    (fedtune/data/membership.py): no other row moves when one is added or removed, and nothing
+    the coordinator sends (train.seed) moves it."""
+    from fedtune.data.membership import split_rows
+
+    from .secret import site_key
+
+    if fraction <= 0 or len(rows) < 2:
+        return rows, None
+    if state_folder is None:
+        raise RuntimeError("a site's test split needs its state folder (its secret key)")
+    return split_rows(rows, cols, fraction, site_key(state_folder), source)
 
 
 def _report_duplicates(rows: pd.DataFrame, cols: list[str], dropped: int, site_id: str) -> None:
@@ -135,10 +151,8 @@ def _build(config_toml: str, settings: SiteSettings, state_folder: Optional[Path
         settings.data_path if not settings.simulated else ["\t".join(r) for r in rows[cols].itertuples(index=False)]
     )
     label_map = LabelMap(cfg.data.labels) if cfg.data.labels else None
-    test_fraction = settings.test_fraction if settings.test_fraction is not None else cfg.federation.site_test_fraction
-    test = None
-    if test_fraction > 0 and len(rows) >= 2:
-        rows, test = hold_out(rows, test_fraction, cfg.train.seed, source)
+    rows, test = site_split(rows, cols, site_test_fraction(settings, cfg.federation.site_test_fraction),
+                            state_folder, source)
     mk = lambda df: encode_rows(df, cols, cfg.model.task, tokenizer, cfg.model.max_length, label_map, source)  # noqa: E731
     data = SiteData(
         train=mk(rows),
@@ -169,15 +183,3 @@ def _build(config_toml: str, settings: SiteSettings, state_folder: Optional[Path
     model = build_model(cfg.model, cfg.lora, tokenizer, id2label, device, cfg.train.seed)
     return SiteRuntime(cfg, data, model, pad_collate(tokenizer.pad_token_id), device, precision, settings, fingerprint,
                        units)
-
-
-def state_dir(settings: SiteSettings, site_state_root: str) -> Path:
-    """Where the site keeps its privacy ledger and DP key: its own state-dir, else
-    ~/.fedtune/sites/<site-id>. The coordinator's ``site_state_root`` is used for simulated sites
-    only (their state lives in the simulation's folder); a deployed site never lets the
-    coordinator move its ledger (a fresh folder would be an empty ledger)."""
-    if settings.state_dir is not None:
-        return settings.state_dir
-    if site_state_root and settings.simulated:
-        return Path(site_state_root) / settings.site_id
-    return Path.home() / ".fedtune" / "sites" / settings.site_id

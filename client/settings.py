@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 DEFAULT_LIFETIME_EPSILON = 10.0
+DEFAULT_TEST_FRACTION = 0.2
 DEFAULT_MAX_NOISE = 20.0
 
 
@@ -22,6 +23,8 @@ class SiteSettings(BaseModel):
     data_format: str = Field("auto", alias="data-format")
     text_column: Optional[str] = Field(None, alias="text-column")
     label_column: Optional[str] = Field(None, alias="label-column")
+    # The share of the site's rows in its local test split (by keyed hash: fedtune/data/membership.py).
+    # Unset: 0.2 for a deployed site, whatever the run asks; a simulated site takes the run's.
     test_fraction: Optional[float] = Field(None, alias="test-fraction", ge=0, lt=1)
     device: Optional[str] = None
     state_dir: Optional[Path] = Field(None, alias="state-dir")
@@ -66,6 +69,16 @@ class SiteSettings(BaseModel):
         return self.site_id if self.data_path is None else Path(self.data_path).stem
 
 
+def site_test_fraction(settings: SiteSettings, requested: float) -> float:
+    """The share of rows the site holds out: its own setting. The run's ``site_test_fraction`` is
+    only a request, which a deployed site ignores (a coordinator that could move the split could
+    choose which rows are trained on); in a simulation whoever runs it owns the sites, so the
+    run's fraction is their setting."""
+    if settings.test_fraction is not None:
+        return settings.test_fraction
+    return requested if settings.simulated else DEFAULT_TEST_FRACTION
+
+
 def settings_from_node_config(node_config: dict) -> SiteSettings:
     cfg = dict(node_config)
     if "partition-id" in cfg:  # Flower's simulation engine: the site is one partition
@@ -76,3 +89,15 @@ def settings_from_node_config(node_config: dict) -> SiteSettings:
         raise ValueError("site agent: node config needs data-path (the site's data file)")
     cfg.setdefault("site-id", Path(str(cfg["data-path"])).stem)
     return SiteSettings.model_validate(cfg)
+
+
+def state_dir(settings: SiteSettings, site_state_root: str = "") -> Path:
+    """Where the site keeps its privacy ledger and DP key: its own state-dir, else
+    ~/.fedtune/sites/<site-id>. The coordinator's ``site_state_root`` is used for simulated sites
+    only (their state lives in the simulation's folder); a deployed site never lets the
+    coordinator move its ledger (a fresh folder would be an empty ledger)."""
+    if settings.state_dir is not None:
+        return settings.state_dir
+    if site_state_root and settings.simulated:
+        return Path(site_state_root) / settings.site_id
+    return Path.home() / ".fedtune" / "sites" / settings.site_id

@@ -1,6 +1,7 @@
 """Who takes part in a round, the pre-flight and failed rounds, without a federation."""
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -77,13 +78,29 @@ def _request(*sets, version=__version__):
 
 
 def _settings(path, **extra):
-    return SiteSettings.model_validate({"site-id": "hospital-a", "data-path": str(path), **extra})
+    return SiteSettings.model_validate({"site-id": "hospital-a", "data-path": str(path),
+                                        "state-dir": str(Path(path).parent / "state"), **extra})
+
+
+def _training_bucket(path, settings) -> int:
+    """The bucket of the rows the site will train on: its keyed-hash split with its own key."""
+    import pandas as pd
+
+    from fedtune.client.secret import site_key
+    from fedtune.data.membership import split_rows
+    from fedtune.federation.preflight import weight_bucket
+
+    rows = pd.read_csv(path, dtype=str)
+    cols = list(rows.columns[:2])
+    train, _ = split_rows(rows, cols, 0.2, site_key(settings.state_dir))
+    return weight_bucket(len(train))
 
 
 def test_a_site_with_the_columns_labels_and_rows_is_ready_and_declares_its_bucket(site_file):
-    reply = check_site(_request(), _settings(site_file))
+    settings = _settings(site_file)
+    reply = check_site(_request(), settings)
     assert reply.ready and reply.reason == "" and reply.version == __version__
-    assert reply.bucket == 32  # 40 rows, 8 held out for its test split -> 32
+    assert reply.bucket == _training_bucket(site_file, settings) in (32, 64)  # 40 rows, about 8 in its test split
 
 
 def test_the_preflight_names_a_missing_column_and_no_path(site_file, caplog):
@@ -120,8 +137,9 @@ def test_a_newcomers_run_config_with_auto_batch_and_learning_rate_passes_the_pre
     site from its own rows (a pre-flight that compared "auto" with a row count raised TypeError)."""
     cfg = load_config(None, ['data.text_column="review"', 'data.label_column="sentiment"'])
     assert cfg.train.batch_size == "auto" and cfg.train.learning_rate == "auto"
-    reply = check_site(PreflightRequest(run_id="r1", config=cfg.to_toml(), version=__version__), _settings(site_file))
-    assert reply.ready and reply.bucket == 32, reply
+    settings = _settings(site_file)
+    reply = check_site(PreflightRequest(run_id="r1", config=cfg.to_toml(), version=__version__), settings)
+    assert reply.ready and reply.bucket == _training_bucket(site_file, settings), reply
 
 
 def _query(request: PreflightRequest):
@@ -210,7 +228,7 @@ def test_a_preflight_names_a_sites_missing_column_before_round_1(site_file, tmp_
                                           r"\(left out: hospital-b: pre-flight: missing column 'review'\)"):
         roster.admit(_PreflightGrid(sites), "r1", cfg.to_toml())
     assert roster.eligible(1) and not roster.eligible(2)
-    assert roster.max_weight == 32  # from hospital-a's declared bucket
+    assert roster.max_weight == _training_bucket(site_file, sites[1])  # from hospital-a's declared bucket
 
 
 def test_sites_that_do_not_answer_are_asked_again_and_max_weight_follows_the_largest(site_file, tmp_path,
@@ -221,7 +239,8 @@ def test_sites_that_do_not_answer_are_asked_again_and_max_weight_follows_the_lar
     roster = _roster([1, 2], min_sites=1)
     cfg = _request().config
     roster.admit(grid, "r1", cfg)
-    assert roster.eligible(1) and not roster.eligible(2) and roster.max_weight == 32
+    assert roster.eligible(1) and not roster.eligible(2)
+    assert roster.max_weight == _training_bucket(site_file, grid.sites[1])
     grid.sites[2] = SiteSettings.model_validate({"site-id": "big", "data-path": str(big)})
     roster.admit(grid, "r1", cfg)
     assert grid.asked == [1, 2, 2] and roster.eligible(2)

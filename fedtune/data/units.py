@@ -4,7 +4,7 @@ DP-SGD with Opacus protects one *row*. When a site's file holds several rows per
 person's influence is the sum of their rows'. A site that names an identifier column
 (``privacy-unit``) gets each unit's contribution bounded before training: at most
 ``max-rows-per-unit`` (k) rows per unit, a random subset drawn from a stream only the site knows
-(:func:`unit_seed`), the same subset every run. The accountant still counts rows, so the site's
+(a keyed hash, fedtune/data/membership.py), the same subset every run. The accountant still counts rows, so the site's
 reports add the group-privacy epsilon for k rows (``fedtune.privacy.group``).
 
 Without an identifier column fedtune cannot know who a row belongs to; it reports exact and
@@ -14,10 +14,8 @@ rows are not independent people.
 
 from __future__ import annotations
 
-import hashlib
 import re
 
-import numpy as np
 import pandas as pd
 from pydantic import BaseModel
 
@@ -56,17 +54,15 @@ class DuplicateReport(BaseModel):
                 "identifier column (privacy-unit) to protect a person rather than a row")
 
 
-def unit_seed(site_key: bytes, column: str) -> int:
-    """A seed for choosing each unit's rows, derived from the site's secret key and separated
-    from every other use of that key (the coordinator cannot predict which rows are kept)."""
-    digest = hashlib.sha256(b"fedtune/privacy-unit/v1\x00" + site_key + b"\x00" + column.encode()).digest()
-    return int.from_bytes(digest[:16], "little")
-
-
-def bound_units(df: pd.DataFrame, column: str, max_rows: int, seed: int,
+def bound_units(df: pd.DataFrame, column: str, max_rows: int, key: bytes, columns: list[str],
                 source: str = "data") -> tuple[pd.DataFrame, UnitReport]:
-    """Keep at most ``max_rows`` rows of each unit (a uniformly random subset), rows in their
-    original order."""
+    """Keep at most ``max_rows`` rows of each unit, rows in their original order. Which rows: the
+    ``max_rows`` with the smallest keyed hash (the site's secret ``key``) of the unit id and the
+    row's ``columns``: a uniformly random subset the coordinator cannot predict, the same every
+    run, and one that adding or removing a unit (or a row of one unit) leaves unchanged for
+    every other unit (fedtune/data/membership.py)."""
+    from fedtune.data.membership import SEPARATOR, derive_key, keyed_uniform, row_contents
+
     if max_rows < 1:
         raise ValueError(f"max_rows must be at least 1, got {max_rows}")
     if column not in df.columns:
@@ -77,9 +73,11 @@ def bound_units(df: pd.DataFrame, column: str, max_rows: int, seed: int,
     if missing.any():
         raise DataError(f"{source}: {int(missing.sum())} row(s) have no value in the privacy-unit column "
                         f"'{column}'; every row must name its unit")
-    keys = np.random.Generator(np.random.PCG64(seed)).random(len(df))
-    order = pd.Series(keys, index=df.index).groupby(ids.astype(str).to_numpy()).rank(method="first")
-    sizes = ids.astype(str).value_counts()
+    units = ids.astype(str)
+    content = [u + SEPARATOR + c for u, c in zip(units, row_contents(df, [c for c in columns if c != column]))]
+    keys = keyed_uniform(derive_key(key, f"privacy-unit/{column}"), content)
+    order = pd.Series(keys, index=df.index).groupby(units.to_numpy()).rank(method="first")
+    sizes = units.value_counts()
     kept = df[(order <= max_rows).to_numpy()]
     report = UnitReport(
         column=column, max_rows_per_unit=max_rows, rows_read=len(df), rows_kept=len(kept),

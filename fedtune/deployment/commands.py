@@ -96,7 +96,7 @@ _SITE_FLAGS = [
     ("data-format", str, "auto, csv, tsv, jsonl or parquet (default: from the file name)"),
     ("text-column", str, "the text column (default: the run config's)"),
     ("label-column", str, "the label column (default: the run config's)"),
-    ("test-fraction", float, "share of the site's rows held out for its local evaluation"),
+    ("test-fraction", float, "share of the site's rows held out for its local evaluation (default 0.2, whatever the run asks)"),
     ("device", str, "cpu, cuda, cuda:1 or auto"),
     ("state-dir", str, "where the site keeps its privacy ledger and secrets (default: ~/.fedtune/sites/ID)"),
     ("target-epsilon", float, "this site's epsilon per run (the smaller of this and the run's applies)"),

@@ -71,9 +71,17 @@ def check_site(request: PreflightRequest, settings) -> PreflightReply:
         if unknown:
             return refuse(f"labels in column {cols[1]!r} that the run does not know",
                           f"{sorted(unknown)[:10]} not in {cfg.data.labels}")
-    fraction = settings.test_fraction if settings.test_fraction is not None else cfg.federation.site_test_fraction
-    held = min(len(rows) - 1, max(1, round(len(rows) * fraction))) if fraction > 0 and len(rows) >= 2 else 0
-    train = len(rows) - held
+    # The site's own split (its fraction, its keyed hash), exactly as training will draw it.
+    from fedtune.client.secret import site_key
+    from fedtune.client.settings import site_test_fraction, state_dir
+    from fedtune.data.membership import split_rows
+
+    try:
+        train_rows, _ = split_rows(rows, cols, site_test_fraction(settings, cfg.federation.site_test_fraction),
+                                   site_key(state_dir(settings)), str(settings.data_path))
+    except DataError as exc:
+        return refuse("no training rows after the site's test split", str(exc))
+    train = len(train_rows)
     # ``auto`` resolves at the site to a batch of at most its training rows (training/auto.py's
     # ladder ends at the row count), so only an explicit number can be too large.
     if isinstance(cfg.train.batch_size, int) and train < cfg.train.batch_size:
