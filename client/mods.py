@@ -8,14 +8,23 @@ from flwr.app.message_type import MessageType
 from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
+from fedtune.federation.secagg_masks import install
+
+from .secagg_policy import check_secagg_message
 from .settings import settings_from_node_config
+
+install()  # SecAgg+ masks from SHAKE-256 of the full seed, never Flower's 32-bit MT19937
 
 
 def secure_aggregation_mod(msg: Message, context: Context, call_next) -> Message:
-    """SecAgg+ for train messages that run it. A train message without it is refused when the
+    """SecAgg+ for train messages that run it, on the site's own terms (thresholds, neighbours,
+    node lists, mask generator: client/secagg_policy.py). A train message without it is refused when the
     site requires secure aggregation (the default for a deployed site), so a coordinator cannot
     quietly downgrade a site to sending its update in the clear."""
     if msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS in msg.content.config_records:
+        # The site's own rules for the round first (client/secagg_policy.py), then Flower's protocol.
+        check_secagg_message(msg.content, context.state.config_records, msg.metadata.dst_node_id,
+                             settings_from_node_config(context.node_config).secagg_min_neighbours)
         return secaggplus_mod(msg, context, call_next)
     if msg.metadata.message_type == MessageType.TRAIN and settings_from_node_config(
         context.node_config

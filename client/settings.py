@@ -30,6 +30,9 @@ class SiteSettings(BaseModel):
     state_dir: Optional[Path] = Field(None, alias="state-dir")
     # A site that requires SecAgg+ refuses to send a plain update.
     require_secure_aggregation: bool = Field(True, alias="require-secure-aggregation")
+    # The fewest sites in this site's SecAgg+ neighbour set, itself included (client/secagg_policy.py):
+    # 2 means at least one other site's mask hides its update.
+    secagg_min_neighbours: int = Field(2, alias="secagg-min-neighbours", ge=2)
     partition_id: Optional[int] = Field(None, alias="partition-id")  # simulation only
     # The site's own privacy policy (client/policy.py). The run config can only make it stricter.
     # Run budget: the smaller of this and the run's target_epsilon (unset: the run's).

@@ -60,10 +60,11 @@ def secagg_settings(fed: FederationConfig, adapter: list[np.ndarray], max_site_e
         threshold = fed.secagg_reconstruction_threshold
         if not threshold:  # derived: two thirds of the shares, below the share count
             threshold = min(max(2, math.ceil(2 * shares / 3)), shares - 1)
-    if isinstance(shares, int) and (not 2 < shares <= n or not 2 <= threshold < shares):
+    if isinstance(shares, int) and (not 2 < shares <= n or not shares / 2 < threshold < shares):
         raise SecAggSettingsError(
             f"federation.secagg_num_shares = {shares} / secagg_reconstruction_threshold = {threshold}: "
-            f"need 2 < shares <= sites per round ({n}) and 2 <= threshold < shares"
+            f"need 2 < shares <= sites per round ({n}) and shares / 2 < threshold < shares (every site "
+            "refuses a threshold at or below half its shares)"
         )
     # Known site sizes (simulation): the power-of-two bucket of the largest. A deployed
     # coordinator knows none: the sites declare their buckets in the pre-flight (set_max_weight).

@@ -13,9 +13,14 @@ from __future__ import annotations
 from logging import INFO
 from typing import Callable, Optional
 
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.supercore import log as flwr_log
+
+from fedtune.federation.secagg_masks import CONFIG_KEY, GENERATOR, install
+
+install()  # the coordinator unmasks with the sites' generator, never Flower's 32-bit one
 
 
 class ResilientSecAggPlusWorkflow(SecAggPlusWorkflow):
@@ -28,6 +33,10 @@ class ResilientSecAggPlusWorkflow(SecAggPlusWorkflow):
         self.stage_timeout, self.train_timeout = stage_timeout, train_timeout
         self.on_halt = on_halt
         self.on_stage = on_stage  # told each stage's name as it starts (the round's stage timings)
+
+    def setup_stage(self, grid, context, state: WorkflowState) -> bool:
+        # Each site checks that its mask generator is the coordinator's (fedtune/federation/secagg_masks.py).
+        return super().setup_stage(_NamingMaskGenerator(grid), context, state)
 
     def share_keys_stage(self, grid, context, state: WorkflowState) -> bool:
         ok = super().share_keys_stage(grid, context, state)
@@ -70,3 +79,18 @@ class ResilientSecAggPlusWorkflow(SecAggPlusWorkflow):
                 flwr_log(INFO, "Secure aggregation halted.")
                 return
         flwr_log(INFO, "Secure aggregation completed.")
+
+
+class _NamingMaskGenerator:
+    """The grid, but every SecAgg+ setup message also names the coordinator's mask generator."""
+
+    def __init__(self, grid):
+        self._grid = grid
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages, *args, **kwargs):
+        for msg in messages:
+            msg.content.config_records[RECORD_KEY_CONFIGS][CONFIG_KEY] = GENERATOR
+        return self._grid.send_and_receive(messages, *args, **kwargs)

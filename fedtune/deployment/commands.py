@@ -111,6 +111,8 @@ _SITE_FLAGS = [
     ("report-clipping", lambda v: _flag_bool(v), "true/false: send how many values SecAgg+ clipped (default false)"),
     ("privacy-unit", str, "identifier column (e.g. patient id): bound each unit's rows, report its epsilon"),
     ("max-rows-per-unit", int, "with --privacy-unit: the most rows one unit contributes (default 1)"),
+    ("secagg-min-neighbours", int, "refuse SecAgg+ rounds whose neighbour set (this site included) is smaller "
+                                   "(default 2)"),
     ("accept-app-versions", str, "fedtune app versions whose runs this site answers, comma-separated "
                                  "(default: the installed fedtune's)"),
 ]
