@@ -98,15 +98,20 @@ def make_tiny_llama(folder: Path) -> Path:
     return folder
 
 
-def separable_rows(n: int, seed: int = 0) -> list[dict]:
-    """Sentences labelled ``pos`` / ``neg`` by which word set they draw from."""
+def separable_rows(n: int, seed: int = 0, signal: float = 0.5) -> list[dict]:
+    """Sentences labelled ``pos`` / ``neg`` by which word set they draw from.
+
+    ``signal`` is the chance that a word (before the last, which always is) comes from the
+    label's set rather than the filler words: higher is an easier task for a tiny model. The
+    default 0.5 gives the rows that tests and benchmarks have always used."""
     rng = random.Random(seed)
     rows, seen = [], set()
     while len(rows) < n:
         label = rng.choice(["pos", "neg"])
         words = POSITIVE_WORDS if label == "pos" else NEGATIVE_WORDS
         text = " ".join(
-            rng.choice(words) if rng.random() < 0.5 else rng.choice(FILLER_WORDS) for _ in range(rng.randint(4, 10))
+            rng.choice(words) if rng.random() < signal else rng.choice(FILLER_WORDS)
+            for _ in range(rng.randint(4, 10))
         )
         text += f" {rng.choice(words)} {rng.randint(0, 9)} ."
         if text not in seen:
