@@ -134,7 +134,7 @@ class SiteClient(NumPyClient):
             log.warning("%s refuses: %s", self.settings.site_id, refusal)
             raise
         return SiteBudget(PrivacyLedger(folder / "privacy-ledger.jsonl"), self.settings.dataset_name,
-                          site.fingerprint, policy, terms, self.settings.site_id)
+                          site.fingerprint, policy, terms, self.settings.site_id, rows_per_unit=site.rows_per_unit)
 
     @guarded("evaluate")
     def evaluate(self, parameters, config):

@@ -69,11 +69,21 @@ class RoundGrant:
 
 def round_noise(terms: RunTerms, policy: SitePolicy, *, plan: Optional[RunPlan], run_rounds_done: int,
                 run_history: History, prior: History, rounds: int, steps: int, sample_rate: float,
-                lifetime_delta: float, site: str = "site") -> tuple[float, float, Optional[RunPlan]]:
-    """(noise, the run's budget, the plan to record) for the next round, or BudgetRefusal."""
+                lifetime_delta: float, site: str = "site", rows_per_unit: int = 1
+                ) -> tuple[float, float, Optional[RunPlan]]:
+    """(noise, the run's budget, the plan to record) for the next round, or BudgetRefusal.
+
+    With ``rows_per_unit`` k > 1 the budgets bind the unit: a unit's (group) epsilon is k times
+    a row's (fedtune.privacy.group), so each row's history is held to budget / k."""
+    k = max(1, rows_per_unit)
     budget = terms.target_epsilon if plan is None else min(plan.target_epsilon, terms.target_epsilon)
     delta = terms.delta if plan is None else min(plan.delta, terms.delta)
     mech = terms.accountant
+    if k > 1:
+        policy = policy.model_copy(update={"lifetime_epsilon": policy.lifetime_epsilon / k})
+        row_budget = budget / k
+    else:
+        row_budget = budget
     if not terms.private:
         return 0.0, budget, None
     if not terms.enforce and terms.fixed_noise is not None:  # the site allows what the run asks
@@ -86,7 +96,7 @@ def round_noise(terms: RunTerms, policy: SitePolicy, *, plan: Optional[RunPlan],
 
     def fits(sigma: float, steps_ahead: int) -> bool:
         ahead = (sigma, sample_rate, steps_ahead)
-        return (compute_epsilon([*run_history, ahead], delta, mech) <= budget * (1 + _TOLERANCE)
+        return (compute_epsilon([*run_history, ahead], delta, mech) <= row_budget * (1 + _TOLERANCE)
                 and compute_epsilon([*prior, *run_history, ahead], lifetime_delta, mech)
                 <= policy.lifetime_epsilon * (1 + _TOLERANCE))
 
@@ -102,13 +112,13 @@ def round_noise(terms: RunTerms, policy: SitePolicy, *, plan: Optional[RunPlan],
     elif follows_plan and fits(plan.noise_multiplier, planned):
         sigma = plan.noise_multiplier
     else:
-        _refuse_if_spent(budget, delta, mech, run_history, site, "this run's budget")
+        _refuse_if_spent(row_budget, delta, mech, run_history, site, "this run's budget")
         _refuse_if_spent(policy.lifetime_epsilon, lifetime_delta, mech, prior + run_history, site, "the lifetime cap")
         if not fits(policy.max_noise_multiplier, planned):
             raise BudgetRefusal(
                 f"{site}: {remaining} more round(s) of {steps} steps do not fit what is left of the budget even with "
                 f"noise multiplier {policy.max_noise_multiplier:g}, this site's maximum")
-        sigma = _calibrate(budget, delta, sample_rate, planned, mech, run_history, site, "this run's budget")
+        sigma = _calibrate(row_budget, delta, sample_rate, planned, mech, run_history, site, "this run's budget")
         if not fits(sigma, planned):  # the lifetime cap binds: more noise
             sigma = max(sigma, _calibrate(policy.lifetime_epsilon, lifetime_delta, sample_rate, planned, mech,
                                           prior + run_history, site, "the lifetime cap"))
@@ -146,9 +156,19 @@ class SiteBudget:
     """One site's budget on one dataset: its ledger, its policy and this run's terms."""
 
     def __init__(self, ledger: PrivacyLedger, dataset: str, fingerprint: Optional[str], policy: SitePolicy,
-                 terms: RunTerms, site: str = "site"):
+                 terms: RunTerms, site: str = "site", rows_per_unit: int = 1):
         self.ledger, self.dataset, self.fingerprint = ledger, dataset, fingerprint
         self.policy, self.terms, self.site = policy, terms, site
+        self.rows_per_unit = rows_per_unit
+
+    def dataset_delta(self, entries: list[LedgerEntry]) -> float:
+        """The delta this dataset's lifetime cap is composed at: fixed at its first use (this
+        run's delta, which is at most the site's own) and recorded on every entry; a ledger from
+        before the record: the smallest delta any entry trained at."""
+        recorded = next((e.dataset_delta for e in entries if e.dataset_delta is not None), None)
+        if recorded is not None:
+            return recorded
+        return min([self.terms.delta, *(e.delta for e in entries)])
 
     def entries(self) -> list[LedgerEntry]:
         return [e for e in self.ledger.entries() if e.of_dataset(self.dataset, self.fingerprint)]
@@ -164,14 +184,20 @@ class SiteBudget:
             plan = next((e.plan for e in run if e.plan is not None), None)
             history = lambda es: [(e.noise_multiplier, e.sample_rate, e.steps) for e in es]  # noqa: E731
             prior, run_history = history([e for e in entries if e.run_id != run_id]), history(run)
-            lifetime_delta = min([self.terms.delta, *(e.delta for e in entries)])
+            lifetime_delta = self.dataset_delta(entries)
+            terms = self.terms
+            if terms.delta > lifetime_delta:  # never a looser delta than the dataset's
+                log.info("%s: run %s asks delta %g; dataset '%s' is held to %g: clamped", self.site, run_id,
+                         terms.delta, self.dataset, lifetime_delta)
+                terms = terms.model_copy(update={"delta": lifetime_delta})
             if any(e.round == rnd for e in run):
                 log.warning("%s: run %s round %d is already in the ledger; a re-sent round spends what is left of "
                             "the run's budget, with fresh randomness", self.site, run_id, rnd)
             noise, budget, new_plan = round_noise(
-                self.terms, self.policy, plan=plan, run_rounds_done=len(run), run_history=run_history, prior=prior,
-                rounds=rounds, steps=steps, sample_rate=sample_rate, lifetime_delta=lifetime_delta, site=self.site)
-            delta = self.terms.delta if plan is None else min(plan.delta, self.terms.delta)
+                terms, self.policy, plan=plan, run_rounds_done=len(run), run_history=run_history, prior=prior,
+                rounds=rounds, steps=steps, sample_rate=sample_rate, lifetime_delta=lifetime_delta, site=self.site,
+                rows_per_unit=self.rows_per_unit)
+            delta = terms.delta if plan is None else min(plan.delta, terms.delta)
             grant = RoundGrant(noise=noise, sample_rate=sample_rate, steps=steps, delta=delta,
                                lifetime_delta=lifetime_delta, accountant=self.terms.accountant,
                                run_history=run_history, prior=prior, plan=new_plan)
@@ -180,7 +206,8 @@ class SiteBudget:
                 fields = {**(extra or {}), "dataset": self.dataset, "run_id": run_id, "round": rnd, "steps": done, "sample_rate": q,
                           "noise_multiplier": noise, "max_grad_norm": self.terms.max_grad_norm, "delta": delta,
                           "accountant": self.terms.accountant, "fingerprint": self.fingerprint,
-                          "plan": new_plan.model_dump() if new_plan is not None else None}
+                          "plan": new_plan.model_dump() if new_plan is not None else None,
+                          "dataset_delta": lifetime_delta}
                 return self.ledger.append({k: v for k, v in fields.items() if v is not None})
 
             grant._record = record

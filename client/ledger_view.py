@@ -95,8 +95,10 @@ def ledger_view(state_dir: Path, lifetime_cap: Optional[float] = None, delta: Op
 
 
 def _dataset_view(name: str, entries: list[LedgerEntry], cap: Optional[float], delta: Optional[float]) -> DatasetView:
-    # The smallest delta any entry was trained at gives the largest (most honest) epsilon.
-    delta = delta if delta is not None else min(e.delta for e in entries)
+    # The dataset's delta as the site fixed it at first use (client/budget.py); in older ledgers,
+    # the smallest delta any entry was trained at (the largest, most honest epsilon).
+    recorded = next((e.dataset_delta for e in entries if e.dataset_delta is not None), None)
+    delta = delta if delta is not None else recorded if recorded is not None else min(e.delta for e in entries)
     mechanisms = sorted({e.accountant for e in entries})
     epsilon = _epsilon(entries, delta, mechanisms)
     runs = []

@@ -9,6 +9,7 @@ simulation owns every site), so there it sets the site's own policy.
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 from pydantic import BaseModel
@@ -16,6 +17,8 @@ from pydantic import BaseModel
 from fedtune.config import FedTuneConfig, PrivacyConfig
 
 from .settings import SiteSettings
+
+log = logging.getLogger("fedtune.client.site")
 
 _POLICY_KEYS = ("target_epsilon", "target_delta", "max_grad_norm", "lifetime_epsilon", "max_noise_multiplier",
                 "allow_non_private")
@@ -48,7 +51,8 @@ class SitePolicy(BaseModel):
         dp = "NON-PRIVATE TRAINING ALLOWED (no DP guarantee)" if self.allow_non_private else "DP-SGD required"
         return (f"{dp}; epsilon {run}; lifetime cap {self.lifetime_epsilon:g} per dataset; "
                 f"noise multiplier at most {self.max_noise_multiplier:g}"
-                + (f"; delta at most {self.target_delta:g}" if self.target_delta is not None else ""))
+                + (f"; delta {self.target_delta:g}" if self.target_delta is not None
+                   else "; delta min(1e-5, 1/(10 N)) over the dataset's N rows at its first use"))
 
 
 class RunTerms(BaseModel):
@@ -81,12 +85,27 @@ def site_policy(settings: SiteSettings, cfg: FedTuneConfig) -> SitePolicy:
             elif key in _STRICTER_IS_SMALLER:
                 own[key] = value if own[key] is None else min(own[key], value)
             # a deployed site ignores the coordinator's max_grad_norm and allow_non_private
+    if settings.simulated and own["target_delta"] is None:  # the simulation's owner chose the run's delta
+        own["target_delta"] = cfg.privacy.target_delta
     return SitePolicy(**own)
+
+
+DEFAULT_DELTA = 1e-5
+
+
+def site_delta(policy: SitePolicy, num_examples: int) -> float:
+    """The delta this site holds its data to: its own ``target-delta``, else min(1e-5, 1/(10 N))
+    over its N rows. At a dataset's first use it becomes the dataset's delta, recorded in the
+    ledger, which every later run and the lifetime cap keep (client/budget.py)."""
+    if policy.target_delta is not None:
+        return policy.target_delta
+    return min(DEFAULT_DELTA, 1.0 / (10 * max(1, num_examples)))
 
 
 def run_terms(policy: SitePolicy, privacy: PrivacyConfig, num_examples: int, site: str = "site") -> RunTerms:
     """The terms for this run, or a refusal before any step: DP off or noise 0 unless the site
-    allows it, and a delta at or above 1/N for the site's N rows."""
+    allows it, and a delta at or above 1/N for the site's N rows. The run's delta is a request:
+    above the site's it is clamped to the site's (and said so in the site's log)."""
     if not privacy.enabled and not policy.allow_non_private:
         raise PolicyRefusal(f"{site}: the run asks to train without differential privacy; this site requires "
                             "DP-SGD (a site admin can allow non-private training with allow-non-private)")
@@ -95,7 +114,10 @@ def run_terms(policy: SitePolicy, privacy: PrivacyConfig, num_examples: int, sit
                             "this site requires DP noise")
     epsilon = privacy.target_epsilon if policy.target_epsilon is None else min(policy.target_epsilon,
                                                                                 privacy.target_epsilon)
-    delta = privacy.target_delta if policy.target_delta is None else min(policy.target_delta, privacy.target_delta)
+    own = site_delta(policy, num_examples)
+    delta = min(own, privacy.target_delta)
+    if privacy.enabled and privacy.target_delta > own:
+        log.info("%s: the run asks delta %g; this site's is %g: clamped to %g", site, privacy.target_delta, own, own)
     if privacy.enabled and num_examples > 0 and delta >= 1.0 / num_examples:
         raise PolicyRefusal(f"{site}: delta {delta:g} is at or above 1/N for this site's {num_examples} rows "
                             "(a delta that large allows releasing a row outright); use a smaller target_delta")

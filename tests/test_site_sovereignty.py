@@ -81,7 +81,7 @@ class Site:
         settings = settings_from_node_config(self.node)
         toml = self.config(*overrides).to_toml()
         if self.arrays is None:
-            self.arrays = list(get_adapter_arrays(site_runtime(toml, settings).model).values())
+            self.arrays = list(get_adapter_arrays(site_runtime(toml, settings, self.state).model).values())
         instr = RoundInstructions(run_id=run_id, round=rnd, rounds=rounds, config=toml, site_state_root=state_root)
         try:
             arrays, _, _ = SiteClient(settings).fit([a.copy() for a in self.arrays], instr.to_record())
@@ -132,17 +132,46 @@ def test_a_resume_with_the_same_rounds_finishes_the_plan(site, trainings):
     assert 0.8 * SITE_EPSILON <= site.epsilon("resumed") <= SITE_EPSILON
 
 
+def test_a_larger_delta_from_the_run_is_clamped_to_the_sites_and_buys_no_noise(site, trainings):
+    """Delta 0.05 (at or above 1/64 rows: it would allow releasing a row) and 0.99/N: the run's
+    delta is only a request; the site holds the dataset to its own (min(1e-5, 1/(10 N)) here),
+    fixed at first use and recorded in its ledger, and trains with the noise that delta needs."""
+    assert site.send("honest", 1, 2) == "trained"
+    honest = site.ledger()[-1]
+    for run, delta in (("loose", 0.05), ("just-below-1/N", 0.99 / ROWS)):
+        assert site.send(run, 1, 2, f"privacy.target_delta={delta}") == "trained"
+        entry = site.ledger()[-1]
+        assert entry["delta"] == honest["delta"] == entry["dataset_delta"] == min(1e-5, 1 / (10 * ROWS))
+        assert entry["noise_multiplier"] >= honest["noise_multiplier"] * (1 - 1e-9)  # no noise bought with delta
+
+
+def test_with_k_rows_per_unit_the_run_budget_binds_the_units_epsilon(tiny_models, tmp_path, trainings):
+    """Group privacy: k rows of one unit have k times a row's epsilon; the site's caps bind that."""
+    from fedtune.privacy.group import group_privacy
+
+    rows = tiny.separable_rows(ROWS, seed=6)
+    for i, row in enumerate(rows):
+        row["patient"] = f"p{i // 2}"  # 2 rows per patient
+    data = tiny.write_csv(rows, tmp_path / "patients.csv")
+    unit_site = Site(tiny_models["bert"], data, tmp_path / "state",
+                     **{"target-epsilon": SITE_EPSILON, "privacy-unit": "patient", "max-rows-per-unit": 2})
+    assert [unit_site.send("units", r, 2) for r in (1, 2)] == ["trained"] * 2
+    assert all(e["rows_per_unit"] == 2 for e in unit_site.ledger())
+    per_row = unit_site.epsilon("units")
+    per_unit, _ = group_privacy(per_row, DELTA, 2)
+    assert 0.8 * SITE_EPSILON <= per_unit <= SITE_EPSILON * (1 + 1e-6)  # the unit's 2, not each row's
+
+
 # -- refused before any step ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("request_", [
     ["privacy.enabled=false"],
     ["privacy.noise_multiplier=0.05"],
     ["privacy.noise_multiplier=0.0"],
-    ["privacy.target_delta=0.05"],  # >= 1/64 rows
     # the coordinator's view of this site can only make it stricter in a deployment
     ["privacy.enabled=false",
      'federation.site_privacy={"site-a"={allow_non_private=true, target_epsilon=100, lifetime_epsilon=1000}}'],
-], ids=["dp-off", "noise-0.05", "noise-0", "delta-above-1/N", "coordinator-loosens-site"])
+], ids=["dp-off", "noise-0.05", "noise-0", "coordinator-loosens-site"])
 def test_a_hostile_run_config_is_refused_before_any_step(site, trainings, request_):
     assert site.send("hostile", 1, 2, *request_) == "refused"
     assert trainings == [] and site.ledger() == []

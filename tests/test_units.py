@@ -142,9 +142,11 @@ def test_a_site_without_unit_column_reports_duplicates_before_training(tmp_path,
     assert units.units == 2 and len(kept) == 4 and "label" in kept.columns  # label is both unit and column
 
 
-def test_a_delta_at_or_above_one_over_n_is_said_at_the_site_before_training(tmp_path, caplog, tiny_models):
-    """The site's policy refuses such a delta (client/policy.py); building the site says so at
-    once in its log, and a site whose own delta is stricter hears nothing of it."""
+def test_a_runs_delta_is_clamped_to_the_sites_and_the_sites_own_at_or_above_one_over_n_is_said(
+        tmp_path, caplog, tiny_models):
+    """The run's delta is a request: above the site's (its target-delta, else min(1e-5, 1/(10 N)))
+    it is clamped, and said. Only the site's own setting can be too large; the site's policy
+    refuses it (client/policy.py), and building the site says so at once in its log."""
     from fedtune import tiny
     from fedtune.client.runtime import _build
     from fedtune.client.settings import SiteSettings
@@ -154,12 +156,12 @@ def test_a_delta_at_or_above_one_over_n_is_said_at_the_site_before_training(tmp_
     toml = tiny_config(tiny_models["bert"], overrides=["privacy.target_delta=0.01", 'data.labels=["neg","pos"]']).to_toml()
     site = SiteSettings.model_validate({"site-id": "s", "data-path": str(data), "state-dir": str(tmp_path / "st"),
                                         "test-fraction": 0.0})
-    with caplog.at_level("WARNING", logger="fedtune.client.site"):
-        _build(toml, site, tmp_path / "st")  # 0.01 >= 1/100
-        assert "delta 0.01 is at or above 1/N for this site's 100 rows" in caplog.text
+    with caplog.at_level("INFO", logger="fedtune.client.site"):
+        _build(toml, site, tmp_path / "st")  # 0.01 >= 1/100: asked by the run, clamped to the site's 1e-05
+        assert "the run asks delta 0.01; this site's is 1e-05: clamped" in caplog.text and "1/N" not in caplog.text
         caplog.clear()
-        _build(toml, site.model_copy(update={"target_delta": 1e-6}), tmp_path / "st")  # the site's own is stricter
-        assert "1/N" not in caplog.text
+        _build(toml, site.model_copy(update={"target_delta": 0.01}), tmp_path / "st")  # the site's own: refused
+        assert "delta 0.01 is at or above 1/N for this site's 100 rows" in caplog.text
 
 
 def test_a_sites_split_is_its_own_and_one_row_more_moves_no_other_row(tmp_path, tiny_models):

@@ -81,6 +81,9 @@ class LedgerEntry(BaseModel):
     # Optional fields, absent (not null) when unset, so entries written before them still verify.
     fingerprint: Optional[str] = None  # dataset_fingerprint() of the data at this call
     plan: Optional[RunPlan] = None     # on a run's first entry: the plan the site fixed
+    # The delta the dataset's lifetime cap is composed at: fixed by the site at the dataset's
+    # first use (client/budget.py) and repeated on every entry; absent in older ledgers.
+    dataset_delta: Optional[float] = Field(None, gt=0, lt=1)
 
     def expected_hash(self) -> str:
         # Optional fields left unset are not hashed, so entries written before they existed verify.
