@@ -113,20 +113,28 @@ def _site_rows(cfg: FedTuneConfig, settings: SiteSettings, config_toml: str,
     return rows, str(path), units
 
 
-def site_split(rows: pd.DataFrame, cols: list[str], fraction: float, state_folder: Optional[Path],
-               source: str) -> tuple[pd.DataFrame, Optional[pd.DataFrame]]:
-    """The site's training rows and local test rows, by keyed hash with the site's secret
-    (fedtune/data/membership.py): no other row moves when one is added or removed, and nothing
-    the coordinator sends (train.seed) moves it."""
-    from fedtune.data.membership import split_rows
+def _membership_key(settings: SiteSettings, cfg: FedTuneConfig, state_folder: Optional[Path]) -> Optional[bytes]:
+    """A deployed site's own secret; a simulated site's key from the simulation's own seed
+    (client/secret.py), so simulations of the same sites compare value for value."""
+    from .secret import simulated_site_key, site_key
 
-    from .secret import site_key
+    if settings.simulated:
+        return simulated_site_key(cfg.train.seed, settings.site_id)
+    return site_key(state_folder) if state_folder is not None else None
+
+
+def site_split(rows: pd.DataFrame, cols: list[str], fraction: float, key: Optional[bytes],
+               source: str) -> tuple[pd.DataFrame, Optional[pd.DataFrame]]:
+    """The site's training rows and local test rows, by keyed hash (fedtune/data/membership.py):
+    no other row moves when one is added or removed, and for a deployed site nothing the
+    coordinator sends (train.seed) moves it."""
+    from fedtune.data.membership import split_rows
 
     if fraction <= 0 or len(rows) < 2:
         return rows, None
-    if state_folder is None:
+    if key is None:
         raise RuntimeError("a site's test split needs its state folder (its secret key)")
-    return split_rows(rows, cols, fraction, site_key(state_folder), source)
+    return split_rows(rows, cols, fraction, key, source)
 
 
 def _report_duplicates(rows: pd.DataFrame, cols: list[str], dropped: int, site_id: str) -> None:
@@ -152,7 +160,7 @@ def _build(config_toml: str, settings: SiteSettings, state_folder: Optional[Path
     )
     label_map = LabelMap(cfg.data.labels) if cfg.data.labels else None
     rows, test = site_split(rows, cols, site_test_fraction(settings, cfg.federation.site_test_fraction),
-                            state_folder, source)
+                            _membership_key(settings, cfg, state_folder), source)
     mk = lambda df: encode_rows(df, cols, cfg.model.task, tokenizer, cfg.model.max_length, label_map, source)  # noqa: E731
     data = SiteData(
         train=mk(rows),

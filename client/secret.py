@@ -81,3 +81,11 @@ def public_seeds(seed: int, site: str, rnd: int) -> DPSeeds:
         return int.from_bytes(hashlib.sha256(msg).digest()[:8], "little") >> 1
 
     return DPSeeds(sample=derive("shuffle"), noise=derive("unused-noise"), other=derive("other"))
+
+
+def simulated_site_key(seed: int, site: str) -> bytes:
+    """The key a *simulated* site's membership hashes use (its local test split): derived from
+    the run's public train.seed and the site's name, so that two simulations of the same sites
+    hold out the same rows and compare value for value. Whoever runs a simulation owns every
+    site in it; a deployed site always uses its own secret (:func:`site_key`)."""
+    return hashlib.sha256(f"fedtune-simulated-site/{seed}/{site}".encode()).digest()

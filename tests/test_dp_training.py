@@ -243,3 +243,38 @@ def test_noise_is_not_reproducible_from_the_public_seed(tiny_models, separable_f
         trainer.step(batch)
         updates.append(get_adapter_arrays(trainer.close()))
     assert any(not np.array_equal(updates[0][n], updates[1][n]) for n in updates[0])
+
+
+def test_the_real_trainer_draws_batches_from_the_sampler_seed_and_noise_from_the_noise_seed(tiny_models,
+                                                                                              separable_files):
+    """Opacus's Poisson sampler and its noise, inside fedtune's trainer: the same pair of seeds
+    gives the same batches and the same update; another noise seed the same batches and another
+    update; another sampler seed other batches."""
+    cfg = tiny_config(tiny_models["bert"], separable_files["train"], overrides=["train.learning_rate=1e-2"])
+
+    def train(sample_seed: int, noise_seed: int):
+        site = prepare_site(cfg)  # the same starting adapter every time (the config's seed)
+        batches = []
+
+        def collate(items):
+            batches.append(sorted(tuple(item[0].tolist()) for item in items))
+            return site.collate(items)
+
+        torch.manual_seed(0)  # dropout: not what is under test
+        trainer = LocalTrainer(site.model, site.data.train, collate, cfg.model.task, cfg.train, cfg.privacy,
+                               site.device, "fp32", noise_multiplier=1.0, sample_seed=sample_seed,
+                               noise_seed=noise_seed)
+        trainer.train(4)
+        return batches, get_adapter_arrays(trainer.close())
+
+    def same(a, b) -> bool:
+        return all(np.array_equal(a[n], b[n]) for n in a)
+
+    batches, update = train(11, 22)
+    assert len(batches) == 4 and sum(map(len, batches)) > 0
+    again_batches, again = train(11, 22)
+    assert again_batches == batches and same(again, update)
+    other_noise_batches, other_noise = train(11, 23)
+    assert other_noise_batches == batches and not same(other_noise, update)
+    other_sample_batches, _ = train(12, 22)
+    assert other_sample_batches != batches

@@ -248,9 +248,12 @@ def test_train_reply_fields_follow_the_site_settings(tiny_models, good_site, tmp
     state = tmp_path / "opt-in"
     client = _client(good_site, state, **{"report-train-loss": True, "report-clipping": True,
                                           "privacy-unit": "patient", "max-rows-per-unit": 2})
-    _, n, metrics = client.fit(_arrays(client, config, state), _instructions(config, rounds=1))
+    # A SecAgg+ clipping range that clips: what the site sends is (examples / max_weight) * value.
+    clipping = RoundInstructions(run_id="run-a", round=1, rounds=1, config=config, max_weight=64.0,
+                                 clipping_range=1e-4).to_record()
+    _, n, metrics = client.fit(_arrays(client, config, state), clipping)
     report = SiteReport.from_record(metrics)
-    assert isinstance(report.train_loss, float) and report.clipped_values == 0
+    assert isinstance(report.train_loss, float) and report.clipped_values > 0
     # 10 patients x 4 rows, cut to 2 rows each; about a quarter of them (by keyed hash) held out
     held = site_runtime(config, client.settings, state).data.eval
     assert n + len(held) == 20 and 10 <= n < 20
@@ -259,6 +262,12 @@ def test_train_reply_fields_follow_the_site_settings(tiny_models, good_site, tmp
     assert report.delta_unit == pytest.approx(2 * np.exp(report.epsilon) * report.delta)
     [entry] = PrivacyLedger(state / "privacy-ledger.jsonl").entries()
     assert entry.rows_per_unit == 2
+    # The default site, with the same clipping range: the count stays at the site.
+    _, _, metrics = _client(good_site, tmp_path / "default-2").fit(
+        _arrays(client, config, tmp_path / "default-2"),
+        RoundInstructions(run_id="run-b", round=1, rounds=1, config=config, max_weight=64.0,
+                          clipping_range=1e-4).to_record())
+    assert "fedtune.clipped_values" not in metrics
 
 
 def test_ledger_entries_written_before_rows_per_unit_still_verify(tmp_path):

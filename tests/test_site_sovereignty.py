@@ -65,15 +65,18 @@ def trainings(monkeypatch):
 class Site:
     """One deployed site (node config) facing a coordinator that sends whatever it likes."""
 
-    def __init__(self, model, data_file, state, **node):
+    def __init__(self, model, data_file, state, accountant="rdp", **node):
+        """``accountant``: RDP by default (a calibration in milliseconds); the default PRV has its own
+        tests. The site keeps its default local test split (0.2 of its rows, by keyed hash)."""
         self.state = state
-        self.node = {"site-id": "site-a", "data-path": str(data_file), "state-dir": str(state),
-                     "test-fraction": 0.0, **node}
+        self.node = {"site-id": "site-a", "data-path": str(data_file), "state-dir": str(state), **node}
         self.model = model
         self.arrays = None
+        self.accountant = accountant
 
     def config(self, *overrides):
-        return tiny_config(self.model, overrides=['data.labels=["neg","pos"]', "train.epochs=1", "privacy.accountant=rdp",
+        return tiny_config(self.model, overrides=['data.labels=["neg","pos"]', "train.epochs=1",
+                                                   f"privacy.accountant={self.accountant}",
                                                    "privacy.target_epsilon=8", *overrides])
 
     def send(self, run_id, rnd, rounds, *overrides, state_root="") -> str:
@@ -123,6 +126,21 @@ def test_an_honest_run_spends_close_to_the_sites_budget(site, trainings):
     assert entries[0]["plan"]["rounds"] == 3 and entries[0]["plan"]["steps_per_round"] == 4
     assert len({e["noise_multiplier"] for e in entries}) == 1  # the plan's noise, every round
     assert all(e["dataset"] == "records" for e in entries)     # named after the file, not its bytes
+
+
+def test_under_the_default_prv_accountant_an_honest_run_spends_the_budget_and_a_hostile_one_is_held(
+        tiny_models, data_file, tmp_path, trainings):
+    """fedtune's default accountant (PRV), with the site's test split: the honest run gets its
+    budget; a run that grows its rounds and epochs midway stays within it, recomputed from the
+    ledger with PRV."""
+    prv = Site(tiny_models["bert"], data_file, tmp_path / "state", accountant="prv",
+               **{"target-epsilon": SITE_EPSILON})
+    assert [prv.send("honest", r, 2) for r in (1, 2)] == ["trained"] * 2
+    assert all(e["accountant"] == "prv" for e in prv.ledger())
+    assert 0.8 * SITE_EPSILON <= prv.epsilon("honest") <= SITE_EPSILON * (1 + 1e-6)
+    assert [prv.send("grows", 1, 2), prv.send("grows", 2, 4, "train.epochs=3")] == ["trained"] * 2
+    assert prv.epsilon("grows") <= SITE_EPSILON * (1 + 1e-6)
+    assert prv.epsilon() <= 10.0 * (1 + 1e-6)
 
 
 def test_a_resume_with_the_same_rounds_finishes_the_plan(site, trainings):
@@ -229,11 +247,15 @@ def test_a_reused_run_id_spends_only_what_is_left(site):
 
 
 def test_twenty_local_epochs_stay_within_the_budget(site):
-    first = site.send("epochs", 1, 3, "train.epochs=20")
-    if first == "trained":
-        assert site.ledger()[0]["steps"] == 80
-    site.send("epochs", 2, 3)  # and back to 1 epoch: recalibrated with the history
-    site.send("epochs", 3, 3, "train.epochs=20")
+    replies = [site.send("epochs", 1, 3, "train.epochs=20"),
+               site.send("epochs", 2, 3),                      # back to 1 epoch: recalibrated with the history
+               site.send("epochs", 3, 3, "train.epochs=20")]
+    # Each round is trained (a refusal would leave nothing to check), with more noise for more steps.
+    assert replies == ["trained"] * 3
+    entries = site.ledger()
+    per_epoch = entries[1]["steps"]  # the site's training rows / batch 16
+    assert [e["steps"] for e in entries] == [20 * per_epoch, per_epoch, 20 * per_epoch]
+    assert entries[0]["noise_multiplier"] > entries[1]["noise_multiplier"] < entries[2]["noise_multiplier"]
     _within(site, "epochs")
 
 
@@ -267,8 +289,8 @@ def test_non_private_training_is_reproducible_and_dp_training_is_not(tiny_models
     run with the same config, gives the same update: its seeds come from train.seed, the site and
     the round, not the run id. With DP two trainings of the same round draw fresh seeds."""
     off = Site(tiny_models["bert"], data_file, tmp_path / "off", **{"allow-non-private": True})
-    start = list(get_adapter_arrays(site_runtime(off.config().to_toml(), settings_from_node_config(off.node))
-                                    .model).values())
+    start = list(get_adapter_arrays(site_runtime(off.config().to_toml(), settings_from_node_config(off.node),
+                                                 off.state).model).values())
 
     def train(site, run_id, *overrides):
         runtime_module._CACHE.clear()  # a fresh ClientApp process, as after a restart
