@@ -16,8 +16,16 @@ PROTECTED = """\
   output of the site (its adapter updates, hence the final model) reveals about any one of its
   examples, at the stated delta. It is computed by the site's accountant over every step of the
   run (and, in "total", over every earlier run on the same data), never estimated.
-- **Secure aggregation (SecAgg+)** hides each site's adapter update from the coordinator: the
-  coordinator only learns the sum over the sites of a round.
+- **Secure aggregation (SecAgg+)** hides each site's adapter update from the coordinator, which
+  learns the sum over the sites of a round. Each site refuses a round whose settings would let
+  the coordinator unmask it (fewer than its `secagg-min-neighbours` sites in its neighbour set, a
+  reconstruction threshold at or below half the shares, overlapping or foreign node lists,
+  another mask generator), and masks come from SHAKE-256 of the full seed. Limits: with two sites
+  each learns the other's update from the sum; the coordinator registers the sites' keys, so
+  sites of its own in a round could leave one real site's update exposed (still DP-noised).
+- **Which rows a site trains on** is its own: its local test split and the rows kept per privacy
+  unit come from a keyed hash with the site's secret, so one row more or less moves no other,
+  and the coordinator cannot move them. Its delta is its own (fixed per dataset in its ledger).
 - **Raw data never leaves a site**: no text, token ids, labels or gradients are sent; a test
   captures every message a site sends and checks this.
 
