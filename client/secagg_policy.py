@@ -13,7 +13,8 @@ stage is checked here first, and a round that breaks any rule is refused
   mask seed and its key can both be rebuilt: that would take two disjoint majorities) and at most
   the shares; the coordinator names the same mask generator as the site's
   (fedtune/federation/secagg_masks.py: a mismatch would silently corrupt the sum);
-- key sharing: the neighbour set has exactly the announced share count and holds the site;
+- key sharing: the neighbour set holds the site, at most the announced shares and at least the
+  threshold and the site's minimum (fewer than the shares when a neighbour dropped out at setup);
 - training: every key share comes from a neighbour;
 - unmasking: the active and dead lists do not overlap and name only neighbours.
 """
@@ -44,10 +45,13 @@ def check_secagg_message(content, state_records, node_id: int, min_neighbours: i
     shares, threshold = int(saved["share_num"]), int(saved["threshold"])
     neighbours = set(saved.get("public_keys_dict:K", []))
     if stage == Stage.SHARE_KEYS:
+        # Fewer than the announced shares when neighbours dropped out at setup (SecAgg+'s dropout
+        # tolerance); never fewer than the threshold or the site's minimum, never more.
         announced = {int(nid) for nid in configs.keys() if nid != Key.STAGE}
-        if len(announced) != shares or node_id not in announced:
+        if node_id not in announced or not max(min_neighbours, threshold) <= len(announced) <= shares:
             raise SecAggRefusal(f"SecAgg+ key sharing names {len(announced)} neighbours "
-                                f"({'with' if node_id in announced else 'without'} this site), {shares} announced")
+                                f"({'with' if node_id in announced else 'without'} this site) for {shares} shares, "
+                                f"threshold {threshold}, this site's minimum {min_neighbours}")
     elif stage == Stage.COLLECT_MASKED_VECTORS:
         outside = set(configs.get(Key.SOURCE_LIST, [])) - neighbours
         if outside:

@@ -76,6 +76,11 @@ def _state(shares=3, threshold=2, neighbours=(1, 2, 3)):
                                             "public_keys_dict:V": [b"k"] * (2 * len(neighbours))})}
 
 
+def _share_keys(nodes):
+    return RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({Key.STAGE: Stage.SHARE_KEYS,
+                                                         **{str(n): [b"pk1-%d" % n, b"pk2-%d" % n] for n in nodes}})})
+
+
 def _unmask(active, dead):
     return RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({Key.STAGE: Stage.UNMASK, Key.ACTIVE_NODE_ID_LIST: active,
                                                          Key.DEAD_NODE_ID_LIST: dead})})
@@ -90,6 +95,11 @@ def _unmask(active, dead):
     (_setup(shares=5, threshold=3, sampled=3), {}, "at most the sites sampled"),
     (_setup(generator=None), {}, "mask generator None"),                       # a coordinator that does not say
     (_setup(generator="mt19937-32"), {}, "'mt19937-32' from the coordinator"),  # or uses another one
+    (_share_keys([1, 2, 3]), _state(), None),
+    (_share_keys([1, 2]), _state(), None),                                    # one neighbour dropped out at setup
+    (_share_keys([1]), _state(), "1 neighbours"),                              # the site alone
+    (_share_keys([2, 3]), _state(), "without this site"),
+    (_share_keys([1, 2, 3, 4]), _state(), "4 neighbours"),                     # more than the shares
     (_unmask([1, 2], [3]), _state(), None),
     (_unmask([1, 2], [2]), _state(), "both active and dead"),                  # different stories to different sites
     (_unmask([1, 2, 2], []), _state(), "twice"),
@@ -125,14 +135,18 @@ class _FedtuneSites(LoopbackGrid):
                                                       mods=[secure_aggregation_mod])
 
 
-def test_fedtunes_coordinator_and_sites_aggregate_the_exact_mean(monkeypatch):
+@pytest.mark.parametrize("stage", [None, "setup", "share_keys", "collect_masked_vectors"])
+def test_fedtunes_coordinator_and_sites_aggregate_the_exact_mean_also_when_a_site_drops_out(monkeypatch, stage):
+    """The sites' own checks leave SecAgg+'s dropout tolerance intact: a site lost at any stage
+    (at setup its neighbours see fewer keys than shares) and the others still aggregate."""
     import test_secagg_dropout
 
     monkeypatch.setattr(test_secagg_dropout, "LoopbackGrid", _FedtuneSites)
     sites, halts = _sites(4), []
-    got = _run(_resilient(halts, 4, 3), sites, {})
+    got = _run(_resilient(halts, 4, 3), sites, {102: stage} if stage else {})
     assert halts == []
-    np.testing.assert_allclose(got, _mean(sites, sorted(sites)), atol=1e-4)
+    nodes = sorted(sites) if stage is None else [n for n in sites if n != 102]
+    np.testing.assert_allclose(got, _mean(sites, nodes), atol=1e-4)
 
 
 def test_a_coordinator_with_another_mask_generator_gets_refusals_not_a_wrong_sum(monkeypatch):
