@@ -7,9 +7,9 @@ coordinator rebuilt a site's mask seed from its own share and read the site's up
 stage is checked here first, and a round that breaks any rule is refused
 (``refused (site policy)``) before the site answers it:
 
-- setup: the share count (the site's neighbour set, itself included) is at least the site's
-  ``secagg-min-neighbours`` (default 2: at least one other site's mask hides the update) and at
-  most the sites sampled; the reconstruction threshold is above half the shares (so no node's
+- setup: the share count and the sites sampled (the site's neighbour set, itself included, is
+  at most the smaller) are at least the site's ``secagg-min-neighbours`` (default 2: at least one
+  other site's mask hides the update); the reconstruction threshold is above half the shares (so no node's
   mask seed and its key can both be rebuilt: that would take two disjoint majorities) and at most
   the shares; the coordinator names the same mask generator as the site's
   (fedtune/federation/secagg_masks.py: a mismatch would silently corrupt the sum);
@@ -71,10 +71,12 @@ def _check_setup(configs, min_neighbours: int) -> None:
     if generator != GENERATOR:
         raise SecAggRefusal(f"SecAgg+ mask generator {generator!r} from the coordinator, {GENERATOR!r} at this site: "
                             "the masks would not cancel (the coordinator needs the same fedtune)")
+    # More shares than sites sampled is Flower's way of saying "every sampled site": the neighbour
+    # set is then all of them, and key sharing checks its real size against the threshold.
     sampled, shares, threshold = (int(configs[k]) for k in (Key.SAMPLE_NUMBER, Key.SHARE_NUMBER, Key.THRESHOLD))
-    if not min_neighbours <= shares <= sampled:
+    if min(shares, sampled) < min_neighbours:
         raise SecAggRefusal(f"SecAgg+ with {shares} shares for {sampled} sites: this site needs at least "
-                            f"{min_neighbours} (secagg-min-neighbours) and at most the sites sampled")
+                            f"{min_neighbours} (secagg-min-neighbours)")
     if not shares / 2 < threshold <= shares:
         raise SecAggRefusal(f"SecAgg+ reconstruction threshold {threshold} of {shares} shares: this site needs more "
                             "than half of the shares")

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory, tiny_models):
     """Certificates for 127.0.0.1 with two registered sites and one unregistered key, two site
-    data files (site-b: 5,000 training rows, above Flower's default SecAgg+ max_weight of 1000),
+    data files (site-b: about 5,000 training rows, above Flower's default SecAgg+ max_weight of 1000),
     the coordinator's evaluation file and a newcomer's 2-round run config: only the model, the
     evaluation file and the federation's size, so batch size ("auto"), learning rate ("auto"),
     privacy (DP at epsilon 8), SecAgg+ and the strategy are fedtune's defaults, as the README
@@ -100,6 +100,17 @@ def _ledger_epsilon(state: Path, delta: float = 1e-5) -> float:
     entries = PrivacyLedger(state / "privacy-ledger.jsonl").entries()  # the chain verifies
     return compute_epsilon([(e.noise_multiplier, e.sample_rate, e.steps) for e in entries], delta,
                            entries[0].accountant)
+
+
+def _training_rows(data: Path, state: Path) -> int:
+    """The rows a site trains on: its file less its local test split (0.2 by keyed hash with its key)."""
+    import pandas as pd
+
+    from fedtune.client.secret import site_key
+    from fedtune.data.membership import split_rows
+
+    rows = pd.read_csv(data, dtype=str)
+    return len(split_rows(rows, ["text", "label"], 0.2, site_key(state))[0])
 
 
 def _wait_for_file(procs, proc, path: Path, timeout: float) -> None:
@@ -255,7 +266,7 @@ def test_two_sites_refuse_a_coordinators_own_code_then_run_a_dp_secagg_federatio
         assert set(r["bytes_up"]) == {"site-a", "site-b"} and all(v > 0 for v in r["bytes_up"].values())
         assert not r["failed"]
         assert set(r["sites"]) == {"site-a", "site-b"}  # every site trained every round
-        assert r["sites"]["site-b"]["examples"] == 5000
+        assert r["sites"]["site-b"]["examples"] == _training_rows(fed["data"]["site-b"], state["site-b"])
         assert r["secagg_max_weight"] == 8192  # the bucket site-b declared in the pre-flight
     privacy = json.loads((out / "privacy.json").read_text())
     assert set(privacy["sites"]) == {"site-a", "site-b"}

@@ -92,7 +92,8 @@ def _unmask(active, dead):
     (_setup(shares=1, threshold=1, sampled=1), {}, "1 shares"),                # a neighbour set of the site alone
     (_setup(shares=2, threshold=1, sampled=2), {}, "more than half"),          # threshold 1: one share rebuilds a seed
     (_setup(shares=4, threshold=2, sampled=4), {}, "more than half"),          # half is not enough
-    (_setup(shares=5, threshold=3, sampled=3), {}, "at most the sites sampled"),
+    (_setup(shares=4, threshold=3, sampled=3), {}, None),                      # a site lost since: all 3 are neighbours
+    (_setup(shares=3, threshold=2, sampled=1), {}, "at least 2"),             # sampled alone
     (_setup(generator=None), {}, "mask generator None"),                       # a coordinator that does not say
     (_setup(generator="mt19937-32"), {}, "'mt19937-32' from the coordinator"),  # or uses another one
     (_share_keys([1, 2, 3]), _state(), None),
@@ -100,6 +101,7 @@ def _unmask(active, dead):
     (_share_keys([1]), _state(), "1 neighbours"),                              # the site alone
     (_share_keys([2, 3]), _state(), "without this site"),
     (_share_keys([1, 2, 3, 4]), _state(), "4 neighbours"),                     # more than the shares
+    (_share_keys([1, 2, 3]), _state(shares=4, threshold=3), None),            # fewer sites than shares
     (_unmask([1, 2], [3]), _state(), None),
     (_unmask([1, 2], [2]), _state(), "both active and dead"),                  # different stories to different sites
     (_unmask([1, 2, 2], []), _state(), "twice"),
