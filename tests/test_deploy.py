@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory, tiny_models):
     """Certificates for 127.0.0.1 with two registered sites and one unregistered key, two site
-    data files (site-b: about 5,000 training rows, above Flower's default SecAgg+ max_weight of 1000),
+    data files (site-b: about 1,120 training rows, above Flower's default SecAgg+ max_weight of 1000),
     the coordinator's evaluation file and a newcomer's 2-round run config: only the model, the
     evaluation file and the federation's size, so batch size ("auto"), learning rate ("auto"),
     privacy (DP at epsilon 8), SecAgg+ and the strategy are fedtune's defaults, as the README
@@ -40,7 +40,7 @@ def federation(tmp_path_factory, tiny_models):
     rogue = root / "rogue"
     create_site_key(CertPaths(rogue), "rogue")  # kept out of certs/sites: never registered
     data = {s: tiny.write_csv(tiny.separable_rows(n, seed=10 + i), root / f"{s}.csv")
-            for i, (s, n) in enumerate([("site-a", 60), ("site-b", 6250)])}
+            for i, (s, n) in enumerate([("site-a", 60), ("site-b", 1400)])}
     held = tiny.write_csv(tiny.separable_rows(60, seed=99), root / "eval.csv")
     config = root / "run.toml"
     config.write_text(f"""
@@ -267,7 +267,7 @@ def test_two_sites_refuse_a_coordinators_own_code_then_run_a_dp_secagg_federatio
         assert not r["failed"]
         assert set(r["sites"]) == {"site-a", "site-b"}  # every site trained every round
         assert r["sites"]["site-b"]["examples"] == _training_rows(fed["data"]["site-b"], state["site-b"])
-        assert r["secagg_max_weight"] == 8192  # the bucket site-b declared in the pre-flight
+        assert r["secagg_max_weight"] == 2048  # the bucket site-b declared in the pre-flight
     privacy = json.loads((out / "privacy.json").read_text())
     assert set(privacy["sites"]) == {"site-a", "site-b"}
     for site in privacy["sites"].values():
