@@ -19,6 +19,7 @@ from fedtune.config import FedTuneConfig
 from fedtune.data import LabelMap, SiteData, pad_collate
 from fedtune.data.cleaning import CleaningReport, clean_rows
 from fedtune.data.readers import read_table
+from fedtune.data.membership import split_rows
 from fedtune.data.site import data_columns, encode_rows
 from fedtune.data.units import UnitReport, bound_units, duplicate_report
 from fedtune.local import Site, seed_everything
@@ -28,6 +29,7 @@ from fedtune.training.precision import resolve_precision
 from fedtune.training.auto import resolve_train
 from fedtune.training.trainer import dp_sample_rate, steps_per_epoch
 
+from .secret import membership_key
 from .settings import SiteSettings, site_test_fraction
 
 log = logging.getLogger("fedtune.client.site")
@@ -113,30 +115,6 @@ def _site_rows(cfg: FedTuneConfig, settings: SiteSettings, config_toml: str,
     return rows, str(path), units
 
 
-def _membership_key(settings: SiteSettings, cfg: FedTuneConfig, state_folder: Optional[Path]) -> Optional[bytes]:
-    """A deployed site's own secret; a simulated site's key from the simulation's own seed
-    (client/secret.py), so simulations of the same sites compare value for value."""
-    from .secret import simulated_site_key, site_key
-
-    if settings.simulated:
-        return simulated_site_key(cfg.train.seed, settings.site_id)
-    return site_key(state_folder) if state_folder is not None else None
-
-
-def site_split(rows: pd.DataFrame, cols: list[str], fraction: float, key: Optional[bytes],
-               source: str) -> tuple[pd.DataFrame, Optional[pd.DataFrame]]:
-    """The site's training rows and local test rows, by keyed hash (fedtune/data/membership.py):
-    no other row moves when one is added or removed, and for a deployed site nothing the
-    coordinator sends (train.seed) moves it."""
-    from fedtune.data.membership import split_rows
-
-    if fraction <= 0 or len(rows) < 2:
-        return rows, None
-    if key is None:
-        raise RuntimeError("a site's test split needs its state folder (its secret key)")
-    return split_rows(rows, cols, fraction, key, source)
-
-
 def _report_duplicates(rows: pd.DataFrame, cols: list[str], dropped: int, site_id: str) -> None:
     """Before training, without an identifier column: say how many rows repeat others."""
     report = duplicate_report(rows, cols)
@@ -159,8 +137,10 @@ def _build(config_toml: str, settings: SiteSettings, state_folder: Optional[Path
         settings.data_path if not settings.simulated else ["\t".join(r) for r in rows[cols].itertuples(index=False)]
     )
     label_map = LabelMap(cfg.data.labels) if cfg.data.labels else None
-    rows, test = site_split(rows, cols, site_test_fraction(settings, cfg.federation.site_test_fraction),
-                            _membership_key(settings, cfg, state_folder), source)
+    # The site's own split by keyed hash (fedtune/data/membership.py): no other row moves when one
+    # is added or removed, and for a deployed site nothing the coordinator sends moves it.
+    rows, test = split_rows(rows, cols, site_test_fraction(settings, cfg.federation.site_test_fraction),
+                            membership_key(settings, cfg.train.seed, state_folder), source)
     mk = lambda df: encode_rows(df, cols, cfg.model.task, tokenizer, cfg.model.max_length, label_map, source)  # noqa: E731
     data = SiteData(
         train=mk(rows),

@@ -21,7 +21,7 @@ import os
 import secrets
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 KEY_FILE = "dp-noise.key"
 KEY_BYTES = 32
@@ -89,3 +89,13 @@ def simulated_site_key(seed: int, site: str) -> bytes:
     hold out the same rows and compare value for value. Whoever runs a simulation owns every
     site in it; a deployed site always uses its own secret (:func:`site_key`)."""
     return hashlib.sha256(f"fedtune-simulated-site/{seed}/{site}".encode()).digest()
+
+
+def membership_key(settings, seed: int, state_folder: Optional[Path]) -> bytes:
+    """The key of a site's membership hashes (its test split: fedtune/data/membership.py): a
+    deployed site's own secret; a simulated site's from the run's seed (:func:`simulated_site_key`)."""
+    if settings.simulated:
+        return simulated_site_key(seed, settings.site_id)
+    if state_folder is None:
+        raise RuntimeError("a site's test split needs its state folder (its secret key)")
+    return site_key(state_folder)

@@ -72,13 +72,14 @@ def check_site(request: PreflightRequest, settings) -> PreflightReply:
             return refuse(f"labels in column {cols[1]!r} that the run does not know",
                           f"{sorted(unknown)[:10]} not in {cfg.data.labels}")
     # The site's own split (its fraction, its keyed hash), exactly as training will draw it.
-    from fedtune.client.secret import site_key
+    from fedtune.client.secret import membership_key
     from fedtune.client.settings import site_test_fraction, state_dir
     from fedtune.data.membership import split_rows
 
     try:
         train_rows, _ = split_rows(rows, cols, site_test_fraction(settings, cfg.federation.site_test_fraction),
-                                   site_key(state_dir(settings)), str(settings.data_path))
+                                   membership_key(settings, cfg.train.seed, state_dir(settings)),
+                                   str(settings.data_path))
     except DataError as exc:
         return refuse("no training rows after the site's test split", str(exc))
     train = len(train_rows)
