@@ -83,6 +83,3 @@ def install() -> None:
             raise RuntimeError(f"{module.__name__} has no pseudo_rand_gen: fedtune's SecAgg+ masks need flwr 1.42.0")
         module.pseudo_rand_gen = secure_rand_gen
 
-
-def installed() -> bool:
-    return all(module.pseudo_rand_gen is secure_rand_gen for module in _modules())
