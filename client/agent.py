@@ -25,9 +25,9 @@ from fedtune.training.trainer import LocalTrainer
 
 from .budget import BudgetRefusal, SiteBudget
 from .evaluation_policy import EvaluationAllowance
-from .policy import run_terms, site_policy
+from .policy import check_request, run_terms, site_policy
 from .replies import guarded, write_site_log
-from .runtime import SiteRuntime, site_runtime
+from .runtime import SiteRuntime, site_config, site_runtime
 from .secret import dp_seeds, public_seeds, site_key
 from .settings import SiteSettings, state_dir
 
@@ -55,9 +55,19 @@ class SiteClient(NumPyClient):
         except Exception:  # noqa: BLE001 - instructions that do not parse: the site's own setting
             return self.settings.state_dir
 
+    def _check_request(self, instr: RoundInstructions) -> None:
+        """Refuse what the run's request alone breaks (DP off, noise 0) before any row is read."""
+        cfg = site_config(instr.config, self.settings)
+        try:
+            check_request(site_policy(self.settings, cfg), cfg.privacy, self.settings.site_id)
+        except BudgetRefusal as refusal:
+            log.warning("%s refuses round %d: %s", self.settings.site_id, instr.round, refusal)
+            raise
+
     @guarded("train")
     def fit(self, parameters, config):
         instr = RoundInstructions.from_record(config)
+        self._check_request(instr)
         site = self._runtime(instr, parameters)
         if instr.max_weight and site.num_train > instr.max_weight:
             raise ValueError(

@@ -2,7 +2,7 @@
 
 The coordinator submits a Flower App bundle (FAB) with each run, and Flower's own
 ``flwr-clientapp`` would import whatever ClientApp the bundle names, with the bundle's folder
-first on ``sys.path``. A fedtune site never does that (client/site_process.py): it answers
+first on ``sys.path``. A fedtune site never does that (client/site_worker.py): it answers
 with the fedtune it installed, and only for a run whose bundle is fedtune's own app manifest
 (``fedtune.deployment.flower.app_manifest``): a ``pyproject.toml`` (and Flower's ``.info/``
 metadata), no code, equal to that manifest apart from its config values, for an app version

@@ -102,16 +102,22 @@ def site_delta(policy: SitePolicy, num_examples: int) -> float:
     return min(DEFAULT_DELTA, 1.0 / (10 * max(1, num_examples)))
 
 
-def run_terms(policy: SitePolicy, privacy: PrivacyConfig, num_examples: int, site: str = "site") -> RunTerms:
-    """The terms for this run, or a refusal before any step: DP off or noise 0 unless the site
-    allows it, and a delta at or above 1/N for the site's N rows. The run's delta is a request:
-    above the site's it is clamped to the site's (and said so in the site's log)."""
+def check_request(policy: SitePolicy, privacy: PrivacyConfig, site: str = "site") -> None:
+    """What the site refuses from the run's request alone, before any of its rows is read: DP
+    off or noise 0 unless the site allows it."""
     if not privacy.enabled and not policy.allow_non_private:
         raise PolicyRefusal(f"{site}: the run asks to train without differential privacy; this site requires "
                             "DP-SGD (a site admin can allow non-private training with allow-non-private)")
     if privacy.noise_multiplier is not None and privacy.noise_multiplier <= 0 and not policy.allow_non_private:
         raise PolicyRefusal(f"{site}: the run asks for noise multiplier {privacy.noise_multiplier:g} (no privacy); "
                             "this site requires DP noise")
+
+
+def run_terms(policy: SitePolicy, privacy: PrivacyConfig, num_examples: int, site: str = "site") -> RunTerms:
+    """The terms for this run, or a refusal before any step: what :func:`check_request` refuses,
+    and a delta at or above 1/N for the site's N rows. The run's delta is a request: above the
+    site's it is clamped to the site's (and said so in the site's log)."""
+    check_request(policy, privacy, site)
     epsilon = privacy.target_epsilon if policy.target_epsilon is None else min(policy.target_epsilon,
                                                                                 privacy.target_epsilon)
     own = site_delta(policy, num_examples)

@@ -61,17 +61,33 @@ class SiteRuntime(Site):
 
 
 _CACHE: dict[tuple, SiteRuntime] = {}
+BUILT = "site built for a run"
+
+
+def _file_version(settings: SiteSettings) -> Optional[tuple]:
+    """The site's data file as the warm site last read it; raises when the file is gone (a site
+    admin who withdrew the data: nothing trains on the rows kept in memory)."""
+    if settings.simulated or settings.data_path is None:
+        return None
+    st = Path(settings.data_path).stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def site_runtime(config_toml: str, settings: SiteSettings, state_folder: Optional[Path] = None) -> SiteRuntime:
-    key = (config_toml, settings.model_dump_json(), str(state_folder))
+    """The site for this run config, built once and kept warm while the config, the site's
+    settings and its data file stay the same (a changed file is read again, under its own
+    fingerprint in the ledger)."""
+    key = (config_toml, settings.model_dump_json(), str(state_folder), _file_version(settings))
     if key not in _CACHE:
         _CACHE.clear()  # one run at a time per process: drop the previous run's model
         _CACHE[key] = _build(config_toml, settings, state_folder)
+        # Counted by the deployment tests: once per site and run config, however many messages.
+        log.info("%s: %s (base model loaded; kept for this run's next messages)", settings.site_id, BUILT)
     return _CACHE[key]
 
 
-def _site_config(config_toml: str, settings: SiteSettings) -> FedTuneConfig:
+def site_config(config_toml: str, settings: SiteSettings) -> FedTuneConfig:
+    """The run's config as this site reads it (its own file, columns and device win)."""
     raw = tomllib.loads(config_toml)
     # The site's own settings win over what the coordinator sent.
     data = raw.setdefault("data", {})
@@ -124,7 +140,7 @@ def _report_duplicates(rows: pd.DataFrame, cols: list[str], dropped: int, site_i
 
 
 def _build(config_toml: str, settings: SiteSettings, state_folder: Optional[Path] = None) -> SiteRuntime:
-    cfg = _site_config(config_toml, settings)
+    cfg = site_config(config_toml, settings)
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)

@@ -8,7 +8,8 @@ import math
 import psutil
 import pytest
 
-from simulations.benchmarks import ablation, deploy_load, run_all, scale, secagg_cost, step_time, traffic, utility
+from simulations.benchmarks import (
+    ablation, deploy_load, deploy_vs_sim, run_all, scale, secagg_cost, step_time, traffic, utility)
 from simulations.benchmarks.common import SHARED_DATA, table
 from simulations.benchmarks.memory import PeakMemory
 
@@ -109,6 +110,20 @@ def test_deploy_load_times_a_real_deployments_round_and_its_stages(tmp_path):
     assert 500 * 2**20 < result["peak_rss_bytes"] < 24 * 2**30
     assert (tmp_path / data["plots"][0]).stat().st_size > 10_000
     assert _descendants() == []  # every process of the deployment was stopped
+
+
+def test_deploy_vs_sim_times_the_same_run_simulated_and_deployed(tmp_path):
+    deploy_vs_sim.run("tiny", tmp_path)
+    data = _saved(tmp_path, "deploy_vs_sim")
+    sim, dep = data["simulated"], data["deployed"]
+    assert len(sim["round_seconds"]) == len(dep["round_seconds"]) == 2
+    assert data["ratio_steady_round"] == pytest.approx(dep["steady_round_s"] / sim["steady_round_s"])
+    for side in (sim, dep):  # SecAgg+ on both sides: the same stages, timed by the same coordinator code
+        assert {"setup", "key sharing", "training", "unmasking"} <= set(side["stage_seconds"]), side
+    assert data["longest_protocol_exchange_s"] > 0
+    # One long-lived worker per site: its model built once for the whole run.
+    assert dep["model_builds"] == {"site-0": 1, "site-1": 1, "site-2": 1}
+    assert _descendants() == []
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from fedtune import tiny
+from fedtune.client.runtime import BUILT
 from fedtune.deployment.certs import CertPaths, create_server_cert, create_site_key, init_certs
 from fedtune.deployment.flower import check_tls, flower_bin, flower_env, superlink_command, wait_for_port
 
@@ -241,6 +242,8 @@ def test_two_sites_refuse_a_coordinators_own_code_then_run_a_dp_secagg_federatio
     assert "DP-SGD required; epsilon at most 2 per run; lifetime cap 10" in procs.log(sites["site-a"])
     for folder in state.values():
         assert [d.accepted for d in run_decisions(folder)] == [False, False, True]
+        # One long-lived worker per site: the base model was loaded once for the whole run.
+        assert _flower_log(folder).count(BUILT) == 1, _flower_log(folder)[-3000:]
 
     # The coordinator's console: header, one line per round, the summary; Flower's lines in logs/.
     console = procs.log(submit)
@@ -401,6 +404,11 @@ STAGE_TIMEOUT, TRAIN_TIMEOUT = 120.0, 300.0  # generous: the CI machine is share
 _STAMP = re.compile(r"^(\d\d/\d\d/\d{4} \d\d:\d\d:\d\d):\w+:(.*)$")
 
 
+def _worker_answered(state: Path, rnd: int) -> int:
+    """Train messages of round ``rnd`` the site's worker has answered and closed (client/site_worker.py)."""
+    return _flower_log(state).count(f"site worker: answered train message (round {rnd})")
+
+
 def _site_round_messages(state: Path, rnd: int) -> tuple[int, int]:
     """(train messages received, replies sent) in round ``rnd``, from the site's Flower log."""
     received = sent = 0
@@ -466,21 +474,15 @@ def _kill_family(proc) -> list[int]:
     return [p.pid for p in family]
 
 
-def _descendants(proc) -> list[str]:
-    """The command lines of the processes under ``proc``."""
+def _freeze_worker(agent) -> None:
+    """SIGSTOP the site agent's worker (client/site_worker.py): the SuperNode still takes the
+    next message, which stays unanswered, as with a machine that hangs."""
     import psutil
 
-    try:
-        children = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.Error:
-        return []
-    lines = []
-    for child in children:
-        try:
-            lines.append(" ".join(child.cmdline()))
-        except psutil.Error:
-            pass
-    return lines
+    workers = [p for p in psutil.Process(agent.pid).children(recursive=True)
+               if "fedtune.client.site_worker" in p.cmdline() and "fedtune.deployment.guard" not in p.cmdline()]
+    assert len(workers) == 1, workers
+    os.kill(workers[0].pid, signal.SIGSTOP)
 
 
 def _until(condition, what: str, server, procs, timeout: float = 600, every: float = 0.2):
@@ -508,10 +510,12 @@ def _log_has(path: Path, *texts: str):
 def test_four_sites_survive_a_kill_while_training_a_failure_a_restart_and_a_kill_while_unmasking(
         tiny_models, procs, tmp_path):
     """Chaos, one 5-round run of 4 deployed sites (SecAgg+ threshold 3), one failure at a time:
-    round 1: site-d is SIGKILLed with all its processes while it trains; left dead in round 2,
+    round 1: site-d is SIGKILLed with all its processes with its training message unanswered (its
+             worker frozen first, so the kill lands there); left dead in round 2,
              then restarted with its state folder; round 3: it trains again (it rejoined);
     round 3: site-b's training message fails once (its data file is briefly gone); round 4: back;
-    round 4: site-c is SIGKILLed with all its processes during unmasking and left dead: its
+    round 4: site-c is SIGKILLed with all its processes with its unmasking request unanswered (its
+             worker frozen first) and left dead: its
              masked update is in round 4's aggregate (its own mask is removed with the key
              shares the others hold, as SecAgg+ defines), round 5 completes without it.
     Every round completes from the live sites within the deadlines; each killed site's ledger
@@ -538,12 +542,14 @@ def test_four_sites_survive_a_kill_while_training_a_failure_a_restart_and_a_kill
 
     agents = {site: agent(site) for site in CHAOS_SITES}
 
-    # (a) Round 1: site-d got its training message (setup, key sharing, training) and its
-    # ClientApp is running: kill the agent and everything it started.
+    # (a) Round 1: site-d answered setup and key sharing; its worker is frozen (SIGSTOP) so that
+    # the training message it gets next stays unanswered, then the agent and everything it
+    # started are killed (a warm worker answers faster than a test could aim a kill).
+    _until(lambda: _worker_answered(state["site-d"], 1) == 2, "site-d's round-1 key sharing", server,
+           procs, every=0.01)
+    _freeze_worker(agents["site-d"])
     _until(lambda: _site_round_messages(state["site-d"], 1)[0] == 3, "site-d's round-1 training message", server,
            procs)
-    _until(lambda: any("flwr-clientapp" in cmd for cmd in _descendants(agents["site-d"])),
-           "site-d's ClientApp", server, procs, timeout=60, every=0.1)
     _kill_family(agents["site-d"])
     killed_d = time.monotonic()
 
@@ -565,7 +571,11 @@ def test_four_sites_survive_a_kill_while_training_a_failure_a_restart_and_a_kill
     finally:
         hidden.rename(data["site-b"])
 
-    # (b) Round 4: site-c received the unmasking request (its fourth train message): kill it.
+    # (b) Round 4: site-c sent its masked update (its third train reply); its worker is frozen, it
+    # receives the unmasking request (its fourth train message) and is killed without answering.
+    _until(lambda: _worker_answered(state["site-c"], 4) == 3, "site-c's round-4 masked update", server,
+           procs, every=0.01)
+    _freeze_worker(agents["site-c"])
     _until(lambda: _site_round_messages(state["site-c"], 4)[0] == 4, "site-c's round-4 unmasking message", server,
            procs, every=0.05)
     _kill_family(agents["site-c"])
@@ -637,19 +647,6 @@ def _train_messages(state: Path) -> int:
     return _flower_log(state).count("Receiving: train message")
 
 
-def _training(agent) -> bool:
-    """A ClientApp process of this site agent is running (not one that has exited)."""
-    import psutil
-
-    for p in psutil.Process(agent.pid).children(recursive=True):
-        try:
-            if p.status() != psutil.STATUS_ZOMBIE and any("flwr-clientapp" in part for part in p.cmdline()):
-                return True
-        except psutil.Error:  # exited meanwhile
-            pass
-    return False
-
-
 def test_a_coordinator_killed_between_and_in_rounds_resumes_to_the_same_adapter(tiny_models, procs, tmp_path):
     """Chaos: the whole coordinator (fedtune server, SuperLink, ServerApp, flwr run) is SIGKILLed
     once between rounds and once while the sites train, and restarted each time with
@@ -705,7 +702,7 @@ def test_a_coordinator_killed_between_and_in_rounds_resumes_to_the_same_adapter(
         assert time.monotonic() < deadline and b.poll() is None, procs.log(b)[-5000:]
         time.sleep(0.2)
     seen = {site: _train_messages(state[site]) for site in data}
-    while not all(_train_messages(state[site]) > seen[site] and _training(agents[site]) for site in data):
+    while not all(_train_messages(state[site]) > seen[site] for site in data):  # round 3's, received
         assert time.monotonic() < deadline and b.poll() is None, procs.log(b)[-5000:]
         time.sleep(0.2)
     assert _checkpointed(run_b) == 2

@@ -95,14 +95,35 @@ def test_superlink_is_tls_and_authenticated_unless_insecure(tmp_path):
         superlink_command(CertPaths(tmp_path / "nothing"), "127.0.0.1", 9092, tmp_path / "db")
 
 
-def test_supernode_needs_ca_and_key_unless_insecure(tmp_path):
+def test_supernode_needs_ca_and_key_unless_insecure_and_always_its_auth_secret(tmp_path):
+    from fedtune.deployment.site_agent import write_secret
+
     paths = init_certs(tmp_path, ["localhost"], ["a"])
-    cmd = supernode_command("coord:9092", tmp_path / "n.toml", 9094, paths.ca_cert, paths.site_key("a"))
+    secret = write_secret(tmp_path)
+    cmd = supernode_command("coord:9092", tmp_path / "n.toml", 9094, paths.ca_cert, paths.site_key("a"),
+                            secret_file=secret)
     assert cmd[cmd.index("--root-certificates") + 1] == str(paths.ca_cert)
     assert cmd[cmd.index("--auth-supernode-private-key") + 1] == str(paths.site_key("a"))
+    assert cmd[cmd.index("--isolation") + 1] == "process"
+    assert cmd[cmd.index("--superexec-auth-secret-file") + 1] == str(secret)
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
     with pytest.raises(DeploymentError, match="needs --ca"):
-        supernode_command("coord:9092", tmp_path / "n.toml", 9094, None, None)
-    assert "--insecure" in supernode_command("coord:9092", tmp_path / "n.toml", 9094, None, None, insecure=True)
+        supernode_command("coord:9092", tmp_path / "n.toml", 9094, None, None, secret_file=secret)
+    assert "--insecure" in supernode_command("coord:9092", tmp_path / "n.toml", 9094, None, None, insecure=True,
+                                             secret_file=secret)
+    with pytest.raises(DeploymentError, match="auth secret"):
+        supernode_command("coord:9092", tmp_path / "n.toml", 9094, None, None, insecure=True)
+
+
+def test_the_auth_secret_is_fresh_for_every_start_and_readable_only_by_the_site(tmp_path):
+    import stat
+
+    from fedtune.deployment.site_agent import write_secret
+
+    first = write_secret(tmp_path).read_bytes()
+    path = write_secret(tmp_path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert len(path.read_bytes()) == 32 and path.read_bytes() != first
 
 
 def test_site_settings_reach_the_client_app_through_flowers_node_config(tmp_path):

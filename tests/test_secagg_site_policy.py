@@ -160,3 +160,24 @@ def test_a_coordinator_with_another_mask_generator_gets_refusals_not_a_wrong_sum
     sites = _sites(4)
     got = _run(SecAggPlusWorkflow(num_shares=4, reconstruction_threshold=3, max_weight=1024.0, timeout=5), sites, {})
     assert np.array_equal(got, np.zeros_like(got))
+
+
+def test_at_20_sites_each_site_shares_keys_with_a_log_sized_neighbourhood_and_the_sum_is_exact(monkeypatch):
+    """Above 16 sites the coordinator's default shares grow with log2(sites) (server/secagg.py),
+    with a threshold the sites' own checks accept; one site lost while training, the rest still
+    aggregate to the exact mean."""
+    import test_secagg_dropout
+
+    from fedtune.config import load_config
+    from fedtune.server.secagg import default_shares, secagg_settings
+
+    assert [default_shares(n) for n in (3, 16, 17, 20, 50, 1000)] == [3, 16, 11, 11, 13, 21]
+    fed = load_config(None, ["federation.sites=20"]).federation
+    settings = secagg_settings(fed, [np.zeros(3, np.float32)], 50)
+    assert (settings.num_shares, settings.reconstruction_threshold) == (11, 8)
+    monkeypatch.setattr(test_secagg_dropout, "LoopbackGrid", _FedtuneSites)
+    sites, halts = _sites(20), []
+    got = _run(_resilient(halts, settings.num_shares, settings.reconstruction_threshold), sites,
+               {105: "collect_masked_vectors"})
+    assert halts == []
+    np.testing.assert_allclose(got, _mean(sites, [n for n in sites if n != 105]), atol=1e-4)

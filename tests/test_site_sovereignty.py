@@ -198,6 +198,19 @@ def test_a_hostile_run_config_is_refused_before_any_step(site, trainings, reques
     assert trainings == [] and site.ledger() == []
 
 
+@pytest.mark.parametrize("request_", [["privacy.enabled=false"], ["privacy.noise_multiplier=0.0"]],
+                         ids=["dp-off", "noise-0"])
+def test_a_request_the_policy_forbids_is_refused_before_any_row_is_read(site, monkeypatch, request_):
+    from fedtune.client import runtime
+
+    site.send("honest", 1, 1)                 # the adapter's arrays, from an honest run
+    runtime._CACHE.clear()                    # a fresh worker: nothing of the site is warm
+    read = []
+    monkeypatch.setattr(runtime, "read_table", lambda *a, **k: read.append(a) or pytest.fail("a row was read"))
+    assert site.send("hostile", 1, 2, *request_) == "refused"
+    assert read == [] and runtime._CACHE == {}
+
+
 def test_the_coordinator_cannot_move_the_sites_ledger(site, tmp_path):
     assert site.send("moved", 1, 2, state_root=str(tmp_path / "elsewhere")) == "trained"
     assert not (tmp_path / "elsewhere").exists()

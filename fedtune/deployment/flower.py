@@ -24,6 +24,26 @@ from .certs import CertPaths
 FLOWER_VERSION = "1.42.0"
 
 
+OBJECT_BACKOFF_SECONDS = 0.05  # Flower 1.42's first retry of a message object not yet there: 1 s
+
+
+def fast_object_pulls(module) -> None:
+    """Flower's ``pull_objects`` as ``module`` calls it (the SuperNode loop, the coordinator's
+    grid), with its first retry after ``OBJECT_BACKOFF_SECONDS`` instead of 1 s, still doubling
+    to Flower's own cap (10 s) and tries. A message is announced before its objects have all
+    arrived, so the first pull of a reply or of a new message often finds one missing, and every
+    exchange waited a whole second for it."""
+    from functools import partial
+
+    from flwr.supercore.inflatable import inflatable_utils
+
+    if getattr(module.pull_objects, "fedtune_paced", False):
+        return
+    paced = partial(inflatable_utils.pull_objects, initial_backoff=OBJECT_BACKOFF_SECONDS)
+    paced.fedtune_paced = True
+    module.pull_objects = paced
+
+
 class DeploymentError(RuntimeError):
     """A coordinator or site agent that cannot start as asked (the message says why)."""
 
@@ -144,7 +164,7 @@ def app_manifest(version: str = __version__) -> dict:
 def write_flower_app(folder: Path) -> Path:
     """fedtune's Flower App (:func:`app_manifest`), for `flwr run` from any installation. The
     bundle carries no code; each site checks that a run's bundle is exactly this before it
-    answers, and runs the fedtune it installed (client/site_process.py)."""
+    answers, and runs the fedtune it installed (client/site_worker.py)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "pyproject.toml").write_text(tomli_w.dumps(app_manifest()))
     return folder
@@ -169,14 +189,16 @@ def submit_command(app_dir: Path, connection: str, config: Path, out: Path, resu
 
 def supernode_command(superlink: str, node_config: Path, runtime_port: int, ca_cert: Optional[Path],
                       private_key: Optional[Path], insecure: bool = False, max_retries: Optional[int] = None,
-                      max_wait_time: Optional[float] = None) -> list[str]:
-    """The site's SuperNode. Its Runtime API (for the site's own message processes) listens on
-    this machine's loopback only; each message runs in a fresh process that Flower starts as
-    ``flwr-clientapp`` from PATH, which the site agent points at fedtune's own
-    (client/site_process.py). Flower 1.42 takes a SuperExec auth secret only with
-    ``--isolation process``; under ``subprocess`` each message process holds a per-task token."""
-    cmd = [flower_bin("flower-supernode"), "--superlink", superlink, "--node-config", str(node_config),
-           "--host", "127.0.0.1", "--port", str(runtime_port), "--isolation", "subprocess"]
+                      max_wait_time: Optional[float] = None, secret_file: Optional[Path] = None) -> list[str]:
+    """The site's SuperNode, with Flower's fixed waits shortened (supernode_pace.py). Its Runtime
+    API listens on this machine's loopback only. ``--isolation process``: the SuperNode starts no
+    process for a message; the site's own long-lived worker (client/site_worker.py) claims each
+    task with the SuperExec auth secret in ``secret_file``, which is mandatory."""
+    if secret_file is None or not Path(secret_file).is_file():
+        raise DeploymentError("a site's SuperNode needs its SuperExec auth secret file (the site agent creates it)")
+    cmd = [sys.executable, "-m", "fedtune.deployment.supernode_pace", "--superlink", superlink,
+           "--node-config", str(node_config), "--host", "127.0.0.1", "--port", str(runtime_port),
+           "--isolation", "process", "--superexec-auth-secret-file", str(secret_file)]
     if max_retries is not None:
         cmd += ["--max-retries", str(max_retries)]
     if max_wait_time is not None:

@@ -1,12 +1,22 @@
-"""``fedtune client``: a site agent, i.e. a Flower SuperNode that connects over TLS with the
-site's private key and hands the site's settings to fedtune's ClientApp as node config."""
+"""``fedtune client``: a site agent. It runs two processes and keeps them together:
+
+- Flower's SuperNode (``--isolation process``, its fixed waits shortened: supernode_pace.py),
+  which connects over TLS with the site's private key and holds the site's settings as node
+  config;
+- the site's long-lived worker (client/site_worker.py), which claims the SuperNode's tasks with
+  a SuperExec auth secret created here for each start (mode 0600) and answers them with the
+  fedtune installed here; restarted when it dies.
+
+Both stop when the agent stops, on any signal, and neither outlives it (processes.py)."""
 
 from __future__ import annotations
 
 import os
+import secrets
 import stat
 import subprocess
 import sys
+import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,15 +104,59 @@ def node_config_file(settings, state_dir: Path) -> Path:
     return path
 
 
-def site_env(state: Path) -> dict[str, str]:
-    """The SuperNode's environment: fedtune's own ``flwr-clientapp`` first on PATH, so every
-    message is answered by the fedtune installed here, never by code from a run's bundle
-    (client/site_process.py)."""
-    from fedtune.client.site_process import install_launcher
+SECRET_FILE = "superexec-auth.secret"
+WORKER_RESTARTS = 5            # a worker that dies this often ...
+WORKER_RESTART_WINDOW = 60.0   # ... within this many seconds stops the agent
 
-    env = flower_env()
-    env["PATH"] = f"{install_launcher(state)}{os.pathsep}{env['PATH']}"
-    return env
+
+def write_secret(state: Path) -> Path:
+    """A fresh SuperExec auth secret for this start of the agent (32 random bytes, mode 0600):
+    only the processes given it (the SuperNode and the site's worker) can claim the site's tasks."""
+    path = state / SECRET_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(secrets.token_bytes(32))
+    os.replace(tmp, path)
+    return path
+
+
+def worker_command(runtime_port: int, secret: Path) -> list[str]:
+    """The site's long-lived worker (client/site_worker.py). ``-P``: the working directory is not
+    put on ``sys.path``, so only the installed fedtune runs."""
+    return [sys.executable, "-P", "-m", "fedtune.client.site_worker", "--runtime-api-address",
+            f"127.0.0.1:{runtime_port}", "--secret-file", str(secret)]
+
+
+class WorkerKeeper:
+    """Starts the site's worker and starts it again when it dies; gives up when it keeps dying."""
+
+    def __init__(self, cmd: list[str], env: dict, output: dict, clock=time.monotonic):
+        self.cmd, self.env, self.output, self.clock = cmd, env, output, clock
+        self.process: Optional[subprocess.Popen] = None
+        self.starts: list[float] = []
+
+    def start(self) -> None:
+        self.process = processes.start(self.cmd, self.env, **self.output)
+        self.starts.append(self.clock())
+
+    def check(self) -> None:
+        """Restart a worker that exited; raise DeploymentError when it died too often."""
+        if self.process is None or self.process.poll() is None:
+            return
+        rc = self.process.returncode
+        recent = [t for t in self.starts if self.clock() - t < WORKER_RESTART_WINDOW]
+        if len(recent) >= WORKER_RESTARTS:
+            raise DeploymentError(f"the site worker exited {len(recent)} times within {WORKER_RESTART_WINDOW:.0f} s "
+                                  f"(last exit code {rc})")
+        print(f"fedtune client: the site worker exited with code {rc}; starting it again", file=sys.stderr,
+              flush=True)
+        self.start()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            processes.stop(self.process)
 
 
 def _policy_line(settings) -> str:
@@ -119,8 +173,9 @@ def run_agent(opts: ClientOptions) -> int:
         print(INSECURE_WARNING, file=sys.stderr)
     elif opts.key is not None and Path(opts.key).is_file():
         _check_key(Path(opts.key))
+    secret = write_secret(state)
     cmd = supernode_command(opts.superlink, node_config_file(settings, state), opts.runtime_port, opts.ca, opts.key,
-                            opts.insecure, opts.max_retries, opts.max_wait_time)
+                            opts.insecure, opts.max_retries, opts.max_wait_time, secret)
     log_path = state / "logs" / "supernode.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     print(f"fedtune client: site '{settings.site_id}' -> {opts.superlink} "
@@ -129,18 +184,29 @@ def run_agent(opts: ClientOptions) -> int:
     print(f"fedtune client: privacy (this site's own, whatever a run config asks): {_policy_line(settings)}; "
           f"dataset '{settings.dataset_name}'", flush=True)
     view = SiteRoundView(settings.site_id, state).start()
+    env = flower_env()
     with processes.terminate_on_signals(), open(log_path, "ab") as flower_log:
-        # Flower's SuperNode (and its ClientApps) log to the file; with --verbose to the console too.
+        # The SuperNode and the site worker log to the file; with --verbose to the console too.
         output = {} if opts.verbose else {"stdout": flower_log, "stderr": subprocess.STDOUT}
-        supernode = processes.start(cmd, site_env(state), **output)
+        supernode = processes.start(cmd, env, **output)
+        worker = WorkerKeeper(worker_command(opts.runtime_port, secret), env, output)
         rc = 130
         try:
-            rc = supernode.wait()
+            worker.start()
+            while (code := supernode.poll()) is None:
+                worker.check()
+                time.sleep(0.5)
+            rc = code
             return rc
         except KeyboardInterrupt:
             print("fedtune client: stopping", file=sys.stderr)
             return 130
+        except DeploymentError as exc:
+            print(f"fedtune client: {exc}; stopping", file=sys.stderr)
+            rc = 1
+            return rc
         finally:
+            worker.stop()
             processes.stop(supernode)
             view.stop()
             if rc not in (0, 130) and not opts.verbose:

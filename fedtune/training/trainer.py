@@ -251,8 +251,8 @@ class LocalTrainer:
                         continue  # Opacus is accumulating physical batches of one logical batch
                     done += 1
                     bar.update(1)
-                    if done % eps_every == 0 or done == num_steps:
-                        bar.set_postfix(self._postfix(losses))
+                    if self.cfg.progress and (done % eps_every == 0 or done == num_steps):
+                        bar.set_postfix(self._postfix(losses))  # an accountant call: only when shown
                     if done >= num_steps:
                         break
         finally:

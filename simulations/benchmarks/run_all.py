@@ -17,11 +17,12 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make the `simulations.benchmarks` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from simulations.benchmarks import ablation, deploy_load, scale, secagg_cost, step_time, traffic, utility  # noqa: E402
+from simulations.benchmarks import (  # noqa: E402
+    ablation, deploy_load, deploy_vs_sim, scale, secagg_cost, step_time, traffic, utility)
 from simulations.benchmarks.common import RESULTS, log, machine, quiet_console  # noqa: E402
 
 BENCHMARKS = {"step_time": step_time, "traffic": traffic, "secagg_cost": secagg_cost, "scale": scale,
-              "deploy_load": deploy_load, "utility": utility, "ablation": ablation}
+              "deploy_load": deploy_load, "deploy_vs_sim": deploy_vs_sim, "utility": utility, "ablation": ablation}
 
 
 def run_all(size: str, out_dir: Path | None = None, only: list[str] | None = None) -> Path:
