@@ -474,15 +474,20 @@ def _kill_family(proc) -> list[int]:
     return [p.pid for p in family]
 
 
+def _agent_process(agent, module: str):
+    """The site agent's process running ``python -m module`` (not its guard)."""
+    import psutil
+
+    found = [p for p in psutil.Process(agent.pid).children(recursive=True)
+             if module in p.cmdline() and "fedtune.deployment.guard" not in p.cmdline()]
+    assert len(found) == 1, found
+    return found[0]
+
+
 def _freeze_worker(agent) -> None:
     """SIGSTOP the site agent's worker (client/site_worker.py): the SuperNode still takes the
     next message, which stays unanswered, as with a machine that hangs."""
-    import psutil
-
-    workers = [p for p in psutil.Process(agent.pid).children(recursive=True)
-               if "fedtune.client.site_worker" in p.cmdline() and "fedtune.deployment.guard" not in p.cmdline()]
-    assert len(workers) == 1, workers
-    os.kill(workers[0].pid, signal.SIGSTOP)
+    os.kill(_agent_process(agent, "fedtune.client.site_worker").pid, signal.SIGSTOP)
 
 
 def _until(condition, what: str, server, procs, timeout: float = 600, every: float = 0.2):
@@ -555,8 +560,17 @@ def test_four_sites_survive_a_kill_while_training_a_failure_a_restart_and_a_kill
 
     # Round 2 runs without site-d (it is not even asked); once it has started, site-d restarts
     # with the same key and state folder, is asked the pre-flight again and is back for round 3.
+    # A warm round takes seconds, less than an agent takes to start: site-a's SuperNode is held
+    # (SIGSTOP, as a slow site; well within its heartbeat's 60 s) until site-d's is connected again.
     _until(_log_has(serverapp_log, "[ROUND 2]", "[Stage 0] Sending configurations to"), "round 2", server, procs)
-    agents["site-d"] = agent("site-d", "site-d-restarted")
+    held = _agent_process(agents["site-a"], "fedtune.deployment.supernode_pace")
+    os.kill(held.pid, signal.SIGSTOP)
+    try:
+        agents["site-d"] = agent("site-d", "site-d-restarted")
+        _until(lambda: _flower_log(state["site-d"]).count("SuperNode ID") == 2, "site-d's SuperNode reconnected",
+               server, procs, timeout=30)
+    finally:
+        os.kill(held.pid, signal.SIGCONT)
 
     # (d) Round 3: site-b's data file is gone while it trains (its training message fails); it
     # is put back before round 4. Only once site-d is in round 3: one failure at a time.

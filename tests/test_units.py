@@ -123,7 +123,7 @@ def test_group_privacy(eps, delta, k, expected):
 
 def test_a_site_without_unit_column_reports_duplicates_before_training(tmp_path, caplog):
     from fedtune import tiny
-    from fedtune.client.runtime import _site_config, _site_rows
+    from fedtune.client.runtime import _site_rows, site_config
     from fedtune.client.settings import SiteSettings
     from fedtune.config import load_config
 
@@ -133,12 +133,12 @@ def test_a_site_without_unit_column_reports_duplicates_before_training(tmp_path,
     settings = SiteSettings.model_validate({"site-id": "s", "data-path": str(data), "state-dir": str(tmp_path / "st")})
     toml = load_config(None, ['data.labels=["neg","pos"]']).to_toml()
     with caplog.at_level("WARNING", logger="fedtune.client.site"):
-        kept, _, units = _site_rows(_site_config(toml, settings), settings, toml, tmp_path / "st")
+        kept, _, units = _site_rows(site_config(toml, settings), settings, toml, tmp_path / "st")
     assert units is None and len(kept) == 13  # the exact duplicate is dropped, the near one kept
     assert "1 exact and 1 near-duplicate rows" in caplog.text
 
     settings = settings.model_copy(update={"privacy_unit": "label", "max_rows_per_unit": 2})
-    kept, _, units = _site_rows(_site_config(toml, settings), settings, toml, tmp_path / "st")
+    kept, _, units = _site_rows(site_config(toml, settings), settings, toml, tmp_path / "st")
     assert units.units == 2 and len(kept) == 4 and "label" in kept.columns  # label is both unit and column
 
 
