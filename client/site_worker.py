@@ -66,10 +66,9 @@ def _runtime_client(address: str, interceptors: list, max_time: Optional[float])
     )
 
 
-def serve(address: str, secret: bytes, poll: float = POLL_SECONDS, stop: Optional[threading.Event] = None,
-          max_tasks: Optional[int] = None) -> int:
-    """Claim and answer this SuperNode's ClientApp tasks until ``stop`` is set (or ``max_tasks``
-    were handled); returns how many were. A SuperNode that restarts is waited for."""
+def serve(address: str, secret: bytes, poll: float = POLL_SECONDS, stop: Optional[threading.Event] = None) -> int:
+    """Claim and answer this SuperNode's ClientApp tasks until ``stop`` is set; returns how many
+    were handled. A SuperNode that restarts is waited for."""
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
     from flwr.supercore.constant import TaskType
     from flwr.supercore.interceptors import SuperExecAuthHttpInterceptor
@@ -88,7 +87,7 @@ def serve(address: str, secret: bytes, poll: float = POLL_SECONDS, stop: Optiona
 
     handled = 0
     try:
-        while not stop.is_set() and (max_tasks is None or handled < max_tasks):
+        while not stop.is_set():
             try:
                 token = acquire()
             except Exception as exc:  # noqa: BLE001 - e.g. a SuperNode that refuses us: keep the worker
