@@ -16,20 +16,21 @@ import torch
 from flwr.client import NumPyClient
 
 from fedtune.adapters import get_adapter_arrays, set_adapter_arrays, trainable_parameters
-from fedtune.evaluation import evaluate
+from fedtune.evaluation import row_values
 from fedtune.federation.messages import RoundInstructions, SiteEvalReport, SiteReport
 from fedtune.privacy.accounting import AccountantHistory
 from fedtune.privacy.group import group_privacy
 from fedtune.privacy.ledger import PrivacyLedger
+from fedtune.privacy.release import exact_sums, release
 from fedtune.training.trainer import LocalTrainer
 
 from .budget import BudgetRefusal, SiteBudget
-from .evaluation_policy import EvaluationAllowance
-from .policy import check_request, run_terms, site_policy
+from .evaluation_policy import EvaluationBudget, EvaluationGrant
+from .policy import check_before_rows, run_terms, site_policy
 from .replies import guarded, write_site_log
 from .runtime import SiteRuntime, site_config, site_runtime
 from .secret import dp_seeds, public_seeds, site_key
-from .settings import SiteSettings, state_dir
+from .settings import SiteSettings, site_test_fraction, state_dir
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +57,11 @@ class SiteClient(NumPyClient):
             return self.settings.state_dir
 
     def _check_request(self, instr: RoundInstructions) -> None:
-        """Refuse what the run's request alone breaks (DP off, noise 0) before any row is read."""
+        """Refuse what the run's request alone breaks (other columns or labels than the site's,
+        DP off, noise 0) before any row is read."""
         cfg = site_config(instr.config, self.settings)
         try:
-            check_request(site_policy(self.settings, cfg), cfg.privacy, self.settings.site_id)
+            check_before_rows(self.settings, cfg)
         except BudgetRefusal as refusal:
             log.warning("%s refuses round %d: %s", self.settings.site_id, instr.round, refusal)
             raise
@@ -148,23 +150,37 @@ class SiteClient(NumPyClient):
 
     @guarded("evaluate")
     def evaluate(self, parameters, config):
+        """A noised answer recorded in the ledger, or a declined one (client/evaluation_policy.py)."""
         instr = RoundInstructions.from_record(config)
+        self._check_request(instr)  # other columns or labels, DP off: refused before any row is read
         folder = state_dir(self.settings, instr.site_state_root)
-        decision = EvaluationAllowance(folder).take(instr.run_id, instr.rounds, self.settings.answer_evaluation,
-                                                    self.settings.max_evaluations_per_run)
-        if not decision.answer:
-            # Declined before the coordinator's adapter touches the site's test rows.
-            log.info("%s declines evaluation (round %d): %s", self.settings.site_id, instr.round, decision.reason)
-            write_site_log(folder, f"declined evaluation, run {instr.run_id} round {instr.round}: {decision.reason}")
-            return 0.0, 0, SiteEvalReport(site=self.settings.site_id, declined=True).to_record()
         site = self._runtime(instr, parameters)
-        if site.data.eval is None or len(site.data.eval) == 0:
-            return 0.0, 0, SiteEvalReport(site=self.settings.site_id).to_record()
-        metrics = evaluate(site.model, site.data.eval, site.collate, site.cfg.model.task, site.device,
-                           site.precision, site.cfg.train.eval_batch_size)
-        report = SiteEvalReport(site=self.settings.site_id, accuracy=metrics.get("accuracy"),
-                                f1=metrics.get("f1"), perplexity=metrics.get("perplexity"))
-        return float(metrics["loss"]), len(site.data.eval), report.to_record()
+        budget = EvaluationBudget(PrivacyLedger(folder / "privacy-ledger.jsonl"), self.settings.dataset_name,
+                                  site.fingerprint, answer_evaluation=self.settings.answer_evaluation,
+                                  max_evaluations=self.settings.max_evaluations,
+                                  lifetime_epsilon=site_policy(self.settings, site.cfg).lifetime_epsilon,
+                                  rows_per_unit=site.rows_per_unit)
+        task = site.cfg.model.task
+        holds_out = site_test_fraction(self.settings, site.cfg.federation.site_test_fraction) > 0
+        with budget.answer(instr.run_id, instr.round) as grant:
+            if grant.answer and not holds_out:  # a setting, not a count: nothing to answer, nothing spent
+                grant = EvaluationGrant(False, "this site holds out no test rows (test-fraction 0)")
+            if not grant.answer:
+                # Declined before the coordinator's adapter touches the site's test rows.
+                log.info("%s declines evaluation (round %d): %s", self.settings.site_id, instr.round, grant.reason)
+                write_site_log(folder, f"declined evaluation, run {instr.run_id} round {instr.round}: {grant.reason}")
+                return 0.0, 0, SiteEvalReport(site=self.settings.site_id, declined=True).to_record()
+            test = site.data.eval if site.data.eval is not None else []
+            values = row_values(site.model, test, site.collate, task, site.device, site.precision,
+                                site.cfg.train.eval_batch_size) if len(test) else {}
+            exact = exact_sums(task, values.get("correct", []), values.get("loss", []))
+            noised = release(task, exact, grant.noise)
+            grant.record()  # in the ledger before the answer leaves the site
+        examples = max(0.0, noised.examples)
+        loss = noised.loss_sum / examples if noised.loss_sum is not None and examples >= 1 else 0.0
+        report = SiteEvalReport(site=self.settings.site_id, examples=noised.examples, correct=noised.correct,
+                                loss_sum=noised.loss_sum, epsilon_total=grant.epsilon_total)
+        return float(loss), int(round(examples)), report.to_record()
 
 
 def _clipped(arrays: list[np.ndarray], num_examples: int, instr: RoundInstructions) -> int:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from fedtune.privacy.accounting import calibrate_noise_multiplier, compute_epsilon
+from fedtune.privacy.composition import sequential
 from fedtune.privacy.ledger import LedgerEntry, PrivacyLedger, RunPlan
 
 from .policy import BudgetRefusal, RunTerms, SitePolicy
@@ -51,8 +52,9 @@ class RoundGrant:
     run_history: History            # this run before the round
     prior: History                  # every other run on this dataset
     plan: Optional[RunPlan]         # set on a run's first round: recorded with it
+    evaluation: History = field(default_factory=list)  # the dataset's evaluation answers (composed in parallel)
     epsilon_run: float = math.nan   # after record()
-    epsilon_total: float = math.nan
+    epsilon_total: float = math.nan  # the dataset's: max(training, evaluation) (fedtune/privacy/composition.py)
     _record: Optional[Callable[[int, float, Optional[dict]], LedgerEntry]] = field(default=None, repr=False)
 
     def record(self, steps: int, sample_rate: float, extra: Optional[dict] = None) -> LedgerEntry:
@@ -63,7 +65,8 @@ class RoundGrant:
         entry, self._record = self._record(steps, sample_rate, extra), None
         spent = [*self.run_history, (self.noise, sample_rate, steps)]
         self.epsilon_run = compute_epsilon(spent, self.delta, self.accountant)
-        self.epsilon_total = compute_epsilon(self.prior + spent, self.lifetime_delta, self.accountant)
+        self.epsilon_total = max(compute_epsilon(self.prior + spent, self.lifetime_delta, self.accountant),
+                                 compute_epsilon(self.evaluation, self.lifetime_delta, self.accountant))
         return entry
 
 
@@ -171,6 +174,7 @@ class SiteBudget:
         return min([self.terms.delta, *(e.delta for e in entries)])
 
     def entries(self) -> list[LedgerEntry]:
+        """Every entry of this dataset: its training calls and its evaluation answers."""
         return [e for e in self.ledger.entries() if e.of_dataset(self.dataset, self.fingerprint)]
 
     @contextmanager
@@ -180,10 +184,18 @@ class SiteBudget:
         with self.ledger.locked():
             entries = self.entries()
             self._warn_if_changed(entries)
-            run = [e for e in entries if e.run_id == run_id]
+            # Evaluation answers compose with training in parallel (the keyed-hash split keeps
+            # test and training rows apart), sequentially where a privacy unit spans k > 1 rows
+            # (fedtune/privacy/composition.py).
+            trained = [e for e in entries if not e.is_evaluation]
+            answers = [e for e in entries if e.is_evaluation]
+            run = [e for e in trained if e.run_id == run_id]
             plan = next((e.plan for e in run if e.plan is not None), None)
             history = lambda es: [(e.noise_multiplier, e.sample_rate, e.steps) for e in es]  # noqa: E731
-            prior, run_history = history([e for e in entries if e.run_id != run_id]), history(run)
+            prior, run_history = history([e for e in trained if e.run_id != run_id]), history(run)
+            evaluation = history(answers)
+            if self.rows_per_unit > 1 or sequential(entries):
+                prior, evaluation = prior + evaluation, []
             lifetime_delta = self.dataset_delta(entries)
             terms = self.terms
             if terms.delta > lifetime_delta:  # never a looser delta than the dataset's
@@ -200,7 +212,7 @@ class SiteBudget:
             delta = terms.delta if plan is None else min(plan.delta, terms.delta)
             grant = RoundGrant(noise=noise, sample_rate=sample_rate, steps=steps, delta=delta,
                                lifetime_delta=lifetime_delta, accountant=self.terms.accountant,
-                               run_history=run_history, prior=prior, plan=new_plan)
+                               run_history=run_history, prior=prior, plan=new_plan, evaluation=evaluation)
 
             def record(done: int, q: float, extra: Optional[dict] = None) -> LedgerEntry:
                 fields = {**(extra or {}), "dataset": self.dataset, "run_id": run_id, "round": rnd, "steps": done, "sample_rate": q,

@@ -2,7 +2,8 @@
 
 Every epsilon here is recomputed with the accountant from the ledger's entries (noise, sample
 rate, steps), never read from a stored number or from what a run reported: per dataset (all
-runs composed) and per run. The lifetime cap comes from the site's settings; the hash chain is
+runs composed; training and noised evaluation answers composed as fedtune/privacy/composition.py
+says) and per run (its training). The lifetime cap comes from the site's settings; the hash chain is
 verified, and a ledger that fails verification is still listed, marked unverified, with a
 non-zero exit status.
 """
@@ -36,7 +37,11 @@ class DatasetView(BaseModel):
     entries: int
     delta: float
     accountant: str
-    epsilon: float
+    epsilon: float                  # the file's: training and evaluation composed (privacy/composition.py)
+    epsilon_training: float = 0.0
+    epsilon_evaluation: float = 0.0
+    evaluations: int = 0            # noised evaluation answers, over all runs
+    composition: str = "parallel"   # or "sequential" (a privacy unit of k > 1 rows)
     lifetime_cap: Optional[float]
     left: Optional[float]
     rows_per_unit: int = 1
@@ -99,27 +104,26 @@ def _dataset_view(name: str, entries: list[LedgerEntry], cap: Optional[float], d
     # the smallest delta any entry was trained at (the largest, most honest epsilon).
     recorded = next((e.dataset_delta for e in entries if e.dataset_delta is not None), None)
     delta = delta if delta is not None else recorded if recorded is not None else min(e.delta for e in entries)
+    from fedtune.privacy.composition import compose, dataset_epsilon, sequential
+
     mechanisms = sorted({e.accountant for e in entries})
-    epsilon = _epsilon(entries, delta, mechanisms)
+    trained = [e for e in entries if not e.is_evaluation]
+    answers = [e for e in entries if e.is_evaluation]
+    epsilon = dataset_epsilon(entries, delta)
     runs = []
-    for run_id in dict.fromkeys(e.run_id for e in entries):
-        mine = [e for e in entries if e.run_id == run_id]
+    for run_id in dict.fromkeys(e.run_id for e in trained):
+        mine = [e for e in trained if e.run_id == run_id]
         runs.append(RunView(run_id=run_id, rounds=[e.round for e in mine], steps=sum(e.steps for e in mine),
-                            epsilon=_epsilon(mine, delta, mechanisms)))
+                            epsilon=compose(mine, delta)))
     k = max((e.rows_per_unit or 1) for e in entries)
     unit = group_privacy(epsilon, delta, k) if k > 1 else (None, None)
     left = None if cap is None else max(0.0, cap - epsilon) if math.isfinite(epsilon) else 0.0
     return DatasetView(dataset=name, entries=len(entries), delta=delta, accountant="/".join(mechanisms),
-                       epsilon=epsilon, lifetime_cap=cap, left=left, rows_per_unit=k, epsilon_unit=unit[0],
+                       epsilon=epsilon, epsilon_training=compose(trained, delta),
+                       epsilon_evaluation=compose(answers, delta), evaluations=len(answers),
+                       composition="sequential" if sequential(entries) else "parallel",
+                       lifetime_cap=cap, left=left, rows_per_unit=k, epsilon_unit=unit[0],
                        delta_unit=unit[1], runs=runs)
-
-
-def _epsilon(entries: list[LedgerEntry], delta: float, mechanisms: list[str]) -> float:
-    from fedtune.privacy.accounting import compute_epsilon
-
-    history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries]
-    # Entries from different accountants (a site that changed its setting): report the larger.
-    return max(compute_epsilon(history, delta, m) for m in mechanisms)
 
 
 def _unverified_entries(path: Path) -> list[LedgerEntry]:
@@ -150,7 +154,11 @@ def format_ledger_view(view: LedgerView) -> str:
         cap = "none" if d.lifetime_cap is None else f"{d.lifetime_cap:g}"
         left = "-" if d.left is None else f"{d.left:.4g}"
         lines += ["", f"dataset {d.dataset}", f"  epsilon spent {format_epsilon(d.epsilon)} at delta {d.delta:g} "
-                  f"({d.accountant}, recomputed from {d.entries} entries); lifetime cap {cap}; left {left}"]
+                  f"({d.accountant}, recomputed from {d.entries} entries); lifetime cap {cap}; left {left}",
+                  f"  training {format_epsilon(d.epsilon_training)}, evaluation {format_epsilon(d.epsilon_evaluation)} "
+                  f"({d.evaluations} noised answers), composed {d.composition}ly"
+                  + (" (test and training rows are disjoint: the larger of the two)" if d.composition == "parallel"
+                     else " (a privacy unit's rows may be on both sides: one history)")]
         if d.rows_per_unit > 1:
             lines.append(f"  per privacy unit (up to {d.rows_per_unit} rows): epsilon {format_epsilon(d.epsilon_unit)}"
                          f" at delta {format_epsilon(d.delta_unit)} (group privacy)")

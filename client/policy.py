@@ -113,6 +113,45 @@ def check_request(policy: SitePolicy, privacy: PrivacyConfig, site: str = "site"
                             "this site requires DP noise")
 
 
+def check_shares(settings: SiteSettings, cfg: FedTuneConfig) -> None:
+    """A deployed site shares only its own columns and its declared label set: a run naming
+    anything else is refused whatever it asks (train, evaluate, pre-flight), before any row is
+    read, so the refusal says nothing about the file (only about what the admin declared). The
+    declared set in another order is the same set (the run's order sets the class ids). A
+    simulated site's columns and labels are the run's: whoever simulates owns the sites."""
+    if settings.simulated:
+        return
+    from fedtune.data.site import CAUSAL, CLASSIFICATION
+
+    site, data, task = settings.site_id, cfg.data, cfg.model.task
+    if task == CLASSIFICATION:
+        asked, own = [data.text_column, data.label_column], [settings.text_column, settings.label_column]
+    elif task == CAUSAL and data.prompt_column is not None:
+        asked, own = [data.prompt_column, data.response_column], [settings.prompt_column, settings.response_column]
+    else:
+        asked, own = [data.text_column], [settings.text_column]
+    if asked != own:
+        raise PolicyRefusal(f"{site}: the run names columns {asked}; this site shares only {own} "
+                            "(its text-column/label-column/prompt-column/response-column settings)")
+    if task != CLASSIFICATION:
+        return
+    declared = settings.label_set
+    if declared is None:
+        raise PolicyRefusal(f"{site}: the run is a classification run and this site declares no label set "
+                            "(its admin sets labels, e.g. --labels neg,pos)")
+    if sorted(map(str, data.labels)) != sorted(declared) or len(set(data.labels)) != len(data.labels):
+        raise PolicyRefusal(f"{site}: the run names labels {list(data.labels)}; this site declares "
+                            f"{declared} (the same set in any order is accepted)")
+
+
+def check_before_rows(settings: SiteSettings, cfg: FedTuneConfig) -> None:
+    """Everything a site refuses from the run's request alone, before any of its rows is read:
+    other columns or labels than its own (:func:`check_shares`), DP off or noise 0
+    (:func:`check_request`). Train, evaluate and pre-flight all pass here first."""
+    check_shares(settings, cfg)
+    check_request(site_policy(settings, cfg), cfg.privacy, settings.site_id)
+
+
 def run_terms(policy: SitePolicy, privacy: PrivacyConfig, num_examples: int, site: str = "site") -> RunTerms:
     """The terms for this run, or a refusal before any step: what :func:`check_request` refuses,
     and a delta at or above 1/N for the site's N rows. The run's delta is a request: above the

@@ -87,7 +87,7 @@ def site_runtime(config_toml: str, settings: SiteSettings, state_folder: Optiona
 
 
 def site_config(config_toml: str, settings: SiteSettings) -> FedTuneConfig:
-    """The run's config as this site reads it (its own file, columns and device win)."""
+    """The run's config as this site reads it (its own file and device win)."""
     raw = tomllib.loads(config_toml)
     # The site's own settings win over what the coordinator sent.
     data = raw.setdefault("data", {})
@@ -96,13 +96,24 @@ def site_config(config_toml: str, settings: SiteSettings) -> FedTuneConfig:
         # text/label columns and the site would always read "text" and "label".
         data.pop("builtin", None)
         data["train"] = str(settings.data_path)
-    for key, value in (("text_column", settings.text_column), ("label_column", settings.label_column)):
-        if value is not None:
-            data[key] = value
+    # Columns and labels are the run's names; a deployed site answers only runs whose names are
+    # its own (client/policy.py's check_shares), checked before any row is read.
     if settings.device is not None:
         raw.setdefault("train", {})["device"] = settings.device
     raw.setdefault("train", {})["progress"] = False  # many sites share one terminal in simulation
     return FedTuneConfig.model_validate(raw)
+
+
+def site_training_rows(cfg: FedTuneConfig, settings: SiteSettings, config_toml: str,
+                       state_folder: Optional[Path]) -> int:
+    """How many training rows this site has for ``cfg`` (its columns, declared labels, privacy
+    unit and keyed-hash split, exactly as training draws them): for the pre-flight's coarse
+    SecAgg+ bucket, never sent as a number."""
+    rows, source, _ = _site_rows(cfg, settings, config_toml, state_folder)
+    train, _ = split_rows(rows, data_columns(cfg.data, cfg.model.task),
+                          site_test_fraction(settings, cfg.federation.site_test_fraction),
+                          membership_key(settings, cfg.train.seed, state_folder), source)
+    return len(train)
 
 
 def _site_rows(cfg: FedTuneConfig, settings: SiteSettings, config_toml: str,
@@ -116,6 +127,7 @@ def _site_rows(cfg: FedTuneConfig, settings: SiteSettings, config_toml: str,
     path = settings.data_path
     unit = [settings.privacy_unit] if settings.privacy_unit else []
     rows, cleaning = clean_rows(read_table(path, settings.data_format), cols + unit, str(path))
+    rows = _declared_labels_only(rows, cfg, settings)
     if not settings.privacy_unit:
         _report_duplicates(rows, cols, cleaning.duplicates_dropped, settings.site_id)
         return rows, str(path), None
@@ -129,6 +141,18 @@ def _site_rows(cfg: FedTuneConfig, settings: SiteSettings, config_toml: str,
     if settings.privacy_unit not in cols:
         rows = rows.drop(columns=[settings.privacy_unit])
     return rows, str(path), units
+
+
+def _declared_labels_only(rows: pd.DataFrame, cfg: FedTuneConfig, settings: SiteSettings) -> pd.DataFrame:
+    """A classification site's rows whose label is one it declared; the others are left out of
+    training and evaluation and counted in the site's own log (never sent)."""
+    if cfg.model.task != "sequence-classification" or settings.label_set is None:
+        return rows
+    keep = rows[settings.label_column].astype(str).isin(settings.label_set)
+    if not keep.all():
+        log.warning("%s: %d of %d rows have a label outside the declared set (%s) and are left out",
+                    settings.site_id, int((~keep).sum()), len(rows), ", ".join(settings.label_set))
+    return rows[keep]
 
 
 def _report_duplicates(rows: pd.DataFrame, cols: list[str], dropped: int, site_id: str) -> None:

@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 DEFAULT_LIFETIME_EPSILON = 10.0
 DEFAULT_TEST_FRACTION = 0.2
 DEFAULT_MAX_NOISE = 20.0
+DEFAULT_MAX_EVALUATIONS = 50
 
 
 class SiteSettings(BaseModel):
@@ -21,8 +22,16 @@ class SiteSettings(BaseModel):
     site_id: str = Field(alias="site-id")
     data_path: Optional[Path] = Field(None, alias="data-path")
     data_format: str = Field("auto", alias="data-format")
-    text_column: Optional[str] = Field(None, alias="text-column")
-    label_column: Optional[str] = Field(None, alias="label-column")
+    # The columns this site shares (client/policy.py's check_columns): a deployed site answers only
+    # runs that name exactly these; a simulated site takes the run's (its owner's) columns.
+    text_column: str = Field("text", alias="text-column")
+    label_column: str = Field("label", alias="label-column")
+    prompt_column: str = Field("prompt", alias="prompt-column")        # generation with prompt/response
+    response_column: str = Field("response", alias="response-column")
+    # The label set the site's admin declares (comma-separated), never read from the file at run
+    # time: a classification run must name exactly this set (in any order); rows with other labels
+    # are left out and counted in the site's log. Unset: the site answers no classification run.
+    labels: Optional[str] = None
     # The share of the site's rows in its local test split (by keyed hash: fedtune/data/membership.py).
     # Unset: 0.2 for a deployed site, whatever the run asks; a simulated site takes the run's.
     test_fraction: Optional[float] = Field(None, alias="test-fraction", ge=0, lt=1)
@@ -49,9 +58,11 @@ class SiteSettings(BaseModel):
     # The name the lifetime cap follows (default: the data file's name, or the simulated site's id):
     # adding rows to the file does not reset it.
     dataset: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9._-]{1,128}$")
-    # What the site says back (client/replies.py, client/evaluation_policy.py).
+    # What the site says back (client/replies.py, client/evaluation_policy.py). Evaluation answers
+    # are noised and recorded in the ledger; at most this many per dataset over all runs, each with
+    # the noise that makes them all together fit lifetime-epsilon.
     answer_evaluation: bool = Field(True, alias="answer-evaluation")
-    max_evaluations_per_run: Optional[int] = Field(None, alias="max-evaluations-per-run", ge=0)  # unset: rounds
+    max_evaluations: int = Field(DEFAULT_MAX_EVALUATIONS, alias="max-evaluations", ge=0)
     report_train_loss: bool = Field(False, alias="report-train-loss")  # the un-noised loss: opt-in
     report_clipping: bool = Field(False, alias="report-clipping")      # SecAgg+ clipped values: opt-in
     # The unit of privacy (fedtune/data/units.py): an identifier column, at most k rows per unit.
@@ -61,9 +72,24 @@ class SiteSettings(BaseModel):
     # fedtune's). The code that answers is always the installed fedtune (client/approval.py).
     accept_app_versions: Optional[str] = Field(None, alias="accept-app-versions")
 
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels(cls, value) -> Optional[str]:
+        if value is None:
+            return None
+        names = [v.strip() for v in str(value).split(",")]
+        if not all(names) or len(set(names)) != len(names):
+            raise ValueError(f"labels must be distinct, non-empty names separated by commas (got {value!r})")
+        return ",".join(names)
+
     @property
     def simulated(self) -> bool:
         return self.data_path is None
+
+    @property
+    def label_set(self) -> Optional[list[str]]:
+        """The declared labels, in the admin's order (None: none declared)."""
+        return None if self.labels is None else self.labels.split(",")
 
     @property
     def dataset_name(self) -> str:

@@ -35,8 +35,9 @@ def _mb(counts: Optional[dict]) -> float:
 
 
 def format_round(record: dict, rounds: int) -> str:
-    """One line: central accuracy / F1 / loss (or perplexity), federated accuracy, the largest and
-    smallest site epsilon, MB sent (both ways), seconds."""
+    """One line: central accuracy / F1 / loss (or perplexity; exact, the coordinator's own rows),
+    federated accuracy (the sites' noised answers), the largest and smallest site epsilon, MB sent
+    (both ways), seconds."""
     central, fed = record.get("central") or {}, record.get("federated") or {}
     parts = []
     for key, label in (("accuracy", "acc"), ("f1", "f1"), ("loss", "loss"), ("perplexity", "ppl")):
@@ -44,7 +45,8 @@ def format_round(record: dict, rounds: int) -> str:
             parts.append(f"{label} {central[key]:.3f}")
     fed_key = "perplexity" if "perplexity" in fed else "accuracy"
     if isinstance(fed.get(fed_key), (int, float)):
-        parts.append(f"fed {'ppl' if fed_key == 'perplexity' else 'acc'} {fed[fed_key]:.3f}")
+        # The sites' own test rows, each answer noised by its site (fedtune/privacy/release.py).
+        parts.append(f"fed {'ppl' if fed_key == 'perplexity' else 'acc'} (noised) {fed[fed_key]:.3f}")
     eps = [s["epsilon"] for s in (record.get("sites") or {}).values() if (s or {}).get("epsilon") is not None]
     if eps:  # numbers, "inf" or "undefined (no DP)" (a site that trained without DP)
         from fedtune.privacy.display import epsilon_number, format_epsilon, worst_epsilon

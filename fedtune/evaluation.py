@@ -74,3 +74,39 @@ def _causal_lm(model, loader, device, precision) -> dict[str, float]:
         n += len(labels)
     loss = nll_sum / max(tokens, 1)
     return {"loss": loss, "perplexity": float(math.exp(min(loss, 50.0))), "examples": n}
+
+
+@torch.no_grad()
+def row_values(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    collate_fn: Callable,
+    task: str,
+    device: torch.device,
+    precision: str = "fp32",
+    batch_size: int = 64,
+) -> dict[str, np.ndarray]:
+    """Per test row: ``correct`` (0/1, classification) or ``loss`` (the row's mean token loss,
+    generation): what a site's private evaluation answer sums (fedtune/privacy/release.py)."""
+    model = unwrap(model)
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+    out: list[np.ndarray] = []
+    try:
+        for input_ids, attention_mask, labels in loader:
+            with autocast(precision, device):
+                logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+            logits = logits.float().cpu()
+            if task == "sequence-classification":
+                out.append((logits.argmax(dim=-1) == labels).numpy().astype(float))
+                continue
+            logits, target = logits[:, :-1, :], labels[:, 1:]
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE_INDEX,
+                                                    reduction="none")
+            tokens = (target != IGNORE_INDEX).sum(dim=1).clamp(min=1)
+            out.append((nll.sum(dim=1) / tokens).numpy())
+    finally:
+        model.train(was_training)
+    values = np.concatenate(out) if out else np.zeros(0)
+    return {"correct" if task == "sequence-classification" else "loss": values}

@@ -23,10 +23,11 @@ from fedtune.data.cleaning import clean_rows
 from fedtune.data.site import data_columns
 from fedtune.federation.dataset import FederatedRows, federated_rows
 from fedtune.federation.events import close_events, write_round_events
-from fedtune.federation.messages import RoundInstructions, SiteReport
+from fedtune.federation.messages import RoundInstructions, SiteEvalReport, SiteReport
 from fedtune.federation.refusal import refusal_kind, refusing_site
 from fedtune.io_utils import append_line, atomic_write_json, atomic_write_text, read_jsonl
-from fedtune.privacy.display import epsilon_record, format_epsilon, worst_epsilon
+from fedtune.privacy.display import epsilon_number, epsilon_record, format_epsilon, worst_epsilon
+from fedtune.privacy.release import EvaluationSums, combine
 
 from .central_eval import CentralEvaluator
 from .checkpoints import load_latest, load_optimizer, save_checkpoint
@@ -330,25 +331,26 @@ class RunRecorder:
                         "federation.secagg_clipping_range", report.site, report.clipped_values)
 
     def on_federated(self, server_round: int, results) -> None:
+        """Federated evaluation: the sites' noised sums (fedtune/privacy/release.py), added up and
+        divided here. Secondary to the central evaluation, which is exact on the coordinator's own
+        rows; at small sites the noise can move it by tens of points (simulations/RESULTS.md)."""
         declined = sorted(str(res.metrics.get("fedtune.site", "?")) for _, res in results
                           if res.metrics.get("fedtune.declined"))
-        if declined:  # the sites' own settings (answer-evaluation, max-evaluations-per-run)
+        if declined:  # the sites' own settings or evaluation budgets
             self.current["evaluation_declined"] = declined
-        results = [(proxy, res) for proxy, res in results if res.num_examples > 0]
-        total = sum(res.num_examples for _, res in results)
-        if not total:
-            self.current["federated"] = None
-            return
-        fed = {"loss": sum(res.loss * res.num_examples for _, res in results) / total}
-        for key in ("accuracy", "f1", "perplexity"):
-            vals = [(res.metrics.get(f"fedtune.{key}"), res.num_examples) for _, res in results]
-            if all(v is not None for v, _ in vals):
-                fed[key] = sum(v * n for v, n in vals) / total
+        reports = []
         for proxy, res in results:
-            site = res.metrics.get("fedtune.site")
-            if site:
-                self.node_site.setdefault(proxy.node_id, site)
-        self.current["federated"] = fed
+            if res.metrics.get("fedtune.declined") or res.metrics.get("fedtune.examples") is None:
+                continue
+            report = SiteEvalReport.from_record(res.metrics)
+            self.node_site.setdefault(proxy.node_id, report.site)
+            reports.append(report)
+            spent = self.privacy.get(report.site)
+            if spent is not None and report.epsilon_total is not None:  # the answer is in its ledger too
+                spent["epsilon_total"] = epsilon_record(max(epsilon_number(spent["epsilon_total"]) or 0.0,
+                                                            report.epsilon_total), spent.get("accountant"))
+        self.current["federated"] = combine([EvaluationSums(examples=r.examples, correct=r.correct,
+                                                            loss_sum=r.loss_sum) for r in reports])
 
     def end_round(self, server_round: int) -> None:
         rnd = self.absolute(server_round)

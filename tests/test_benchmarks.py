@@ -131,9 +131,15 @@ def test_deploy_vs_sim_times_the_same_run_simulated_and_deployed(tmp_path):
 def test_utility_runs_federated_and_centralized_on_real_data(tmp_path):
     utility.run("tiny", tmp_path)
     data = _saved(tmp_path, "utility")
-    kinds = sorted((r["kind"], r.get("dp")) for r in data["results"])
-    assert kinds == [("centralized", False), ("centralized", True), ("federated", None)]
-    fed = next(r for r in data["results"] if r["kind"] == "federated")
+    kinds = sorted((r["kind"], r.get("dp"), r.get("variant")) for r in data["results"])
+    assert kinds == [("centralized", False, None), ("centralized", True, None), ("federated", None, ""),
+                     ("federated", None, "federated evaluation")]
+    fed = next(r for r in data["results"] if r["kind"] == "federated" and not r["variant"])
+    # The same run with federated evaluation: the sites' noised answers next to the central accuracy.
+    with_eval = next(r for r in data["results"] if r.get("variant") == "federated evaluation")
+    assert 0 <= with_eval["federated_accuracy"] <= 1 and with_eval["federated_answers"] == 3
+    assert with_eval["federated_noise_points"] > 0 and with_eval["evaluation_noise_multiplier"] > 0
+    assert "federated accuracy (noised)" in data["table"]
     assert [x["round"] for x in fed["rounds"]] == [0, 1, 2]
     assert all(0 <= x["accuracy"] <= 1 and 0 <= x["f1"] <= 1 for x in fed["rounds"])
     assert 0 < fed["epsilon_spent"] <= 8.0 + 1e-6

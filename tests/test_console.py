@@ -21,7 +21,7 @@ RECORD = {"round": 2, "central": {"accuracy": 0.8125, "f1": 0.8, "loss": 0.45},
 
 def test_a_round_line_has_central_and_federated_metrics_epsilon_range_traffic_and_time():
     line = format_round(RECORD, 10)
-    assert line == "round  2/10  acc 0.812  f1 0.800  loss 0.450  fed acc 0.750  eps 3.50-4.25  3.0 MB  12 s"
+    assert line == "round  2/10  acc 0.812  f1 0.800  loss 0.450  fed acc (noised) 0.750  eps 3.50-4.25  3.0 MB  12 s"
     assert format_round({"round": 0, "central": {"loss": 2.0, "perplexity": 7.4}, "sites": {}}, 3) == \
         "round 0/3  loss 2.000  ppl 7.400  (before training)"
     # Sites that trained without DP, or past any finite bound (the coordinator's record of them).

@@ -73,7 +73,7 @@ def procs(tmp_path):
 
 def _client(fed, site, port, runtime_port, *extra):
     return fedtune_cmd("client", "--superlink", f"127.0.0.1:{port}", "--ca", fed["certs"].ca_cert,
-                       "--key", fed["certs"].site_key(site), "--data", fed["data"][site],
+                       "--key", fed["certs"].site_key(site), "--data", fed["data"][site], "--labels", "neg,pos",
                        "--state-dir", fed["root"] / "state" / site, "--runtime-port", runtime_port, *extra)
 
 
@@ -93,14 +93,18 @@ def _wait_for(procs, proc, text, timeout):
     raise TimeoutError(f"{text!r} not seen:\n{procs.log(proc)[-3000:]}")
 
 
-def _ledger_epsilon(state: Path, delta: float = 1e-5) -> float:
-    """Recomputed from the site's own ledger file with the accountant (not what the site reported)."""
+def _ledger_epsilon(state: Path, delta: float = 1e-5, part: str = "file") -> float:
+    """Recomputed from the site's own ledger file with the accountant (not what the site reported):
+    its training entries, its evaluation answers, or the file (the larger of the two: the keyed-hash
+    split keeps test and training rows apart, so they compose in parallel)."""
     from fedtune.privacy.accounting import compute_epsilon
     from fedtune.privacy.ledger import PrivacyLedger
 
     entries = PrivacyLedger(state / "privacy-ledger.jsonl").entries()  # the chain verifies
-    return compute_epsilon([(e.noise_multiplier, e.sample_rate, e.steps) for e in entries], delta,
-                           entries[0].accountant)
+    eps = {kind: compute_epsilon([(e.noise_multiplier, e.sample_rate, e.steps) for e in entries
+                                  if (e.kind == "evaluate") == (kind == "evaluation")], delta, entries[0].accountant)
+           for kind in ("training", "evaluation")}
+    return max(eps.values()) if part == "file" else eps[part]
 
 
 def _training_rows(data: Path, state: Path) -> int:
@@ -271,20 +275,24 @@ def test_two_sites_refuse_a_coordinators_own_code_then_run_a_dp_secagg_federatio
         assert set(r["sites"]) == {"site-a", "site-b"}  # every site trained every round
         assert r["sites"]["site-b"]["examples"] == _training_rows(fed["data"]["site-b"], state["site-b"])
         assert r["secagg_max_weight"] == 2048  # the bucket site-b declared in the pre-flight
+        # Federated evaluation: the sites' noised sums, added up by the coordinator.
+        assert 0 <= r["federated"]["accuracy"] <= 1 and r["federated"]["examples"] > 0
     privacy = json.loads((out / "privacy.json").read_text())
     assert set(privacy["sites"]) == {"site-a", "site-b"}
     for site in privacy["sites"].values():
         assert 0 < site["epsilon"] <= 8.0 + 1e-6
     assert (out / "final" / "adapter" / "adapter_config.json").exists()
-    for site in ("site-a", "site-b"):  # each site's own ledger holds both rounds
-        ledger = (fed["root"] / "state" / site / "privacy-ledger.jsonl").read_text().splitlines()
-        assert [json.loads(line)["round"] for line in ledger] == [1, 2]
-        # Default site settings: the un-noised loss stays at the site; one evaluation per round.
+    for site in ("site-a", "site-b"):  # each site's own ledger holds both rounds and both answers
+        ledger = [json.loads(line) for line in
+                  (fed["root"] / "state" / site / "privacy-ledger.jsonl").read_text().splitlines()]
+        assert [(e["round"], e.get("kind")) for e in ledger] == [(1, None), (1, "evaluate"), (2, None), (2, "evaluate")]
+        # Default site settings: the un-noised loss stays at the site.
         assert all("train_loss" not in r["sites"][site] for r in records[1:])
-        counts = json.loads((fed["root"] / "state" / site / "evaluations.json").read_text())
-        assert [c["count"] for c in counts.values()] == [2]
-    assert 0.8 * 2 <= _ledger_epsilon(state["site-a"]) <= 2.0 + 1e-6  # the site's 2, not the run's 8
-    assert 0.8 * 8 <= _ledger_epsilon(state["site-b"]) <= 8.0 + 1e-6
+        # What the coordinator reports for the site is its ledger's epsilon, evaluation included.
+        assert privacy["sites"][site]["epsilon_total"] == pytest.approx(_ledger_epsilon(state[site]), rel=1e-6)
+        assert _ledger_epsilon(state[site]) <= 10.0 + 1e-6  # the lifetime cap
+    assert 0.8 * 2 <= _ledger_epsilon(state["site-a"], part="training") <= 2.0 + 1e-6  # the site's 2, not the run's 8
+    assert 0.8 * 8 <= _ledger_epsilon(state["site-b"], part="training") <= 8.0 + 1e-6
 
     # The hostile run: noise 0.05 fits neither site's budget; each refuses before any step.
     hostile_out = tmp_path / "hostile"
@@ -293,9 +301,9 @@ def test_two_sites_refuse_a_coordinators_own_code_then_run_a_dp_secagg_federatio
     procs.wait(submit, 600)
     hostile_rounds = [json.loads(line) for line in (hostile_out / "metrics.jsonl").read_text().splitlines()]
     assert len(hostile_rounds) > 1 and all(r["sites"] == {} for r in hostile_rounds)  # no site trained
-    assert _ledger_epsilon(state["site-a"]) <= 2.0 + 1e-6
-    for site in state.values():
-        assert len((site / "privacy-ledger.jsonl").read_text().splitlines()) == 2  # nothing trained
+    assert _ledger_epsilon(state["site-a"], part="training") <= 2.0 + 1e-6
+    for site in state.values():  # nothing trained, and no evaluation answered for a run it did not train
+        assert len((site / "privacy-ledger.jsonl").read_text().splitlines()) == 4
 
 
 @pytest.fixture(scope="module")
@@ -543,7 +551,7 @@ def test_four_sites_survive_a_kill_while_training_a_failure_a_restart_and_a_kill
     def agent(site: str, name: str | None = None):
         return procs.start(name or site, fedtune_cmd(
             "client", "--superlink", f"127.0.0.1:{port}", "--ca", certs.ca_cert, "--key", certs.site_key(site),
-            "--data", data[site], "--state-dir", state[site], "--runtime-port", free_port()))
+            "--data", data[site], "--labels", "neg,pos", "--state-dir", state[site], "--runtime-port", free_port()))
 
     agents = {site: agent(site) for site in CHAOS_SITES}
 
@@ -696,7 +704,7 @@ def test_a_coordinator_killed_between_and_in_rounds_resumes_to_the_same_adapter(
     _wait_for(procs, first, "site site-b: registered", 60)
     agents = {site: procs.start(site, fedtune_cmd(
         "client", "--superlink", f"127.0.0.1:{port}", "--ca", certs.ca_cert, "--key", certs.site_key(site),
-        "--data", data[site], "--state-dir", state[site], "--runtime-port", free_port(),
+        "--data", data[site], "--labels", "neg,pos", "--state-dir", state[site], "--runtime-port", free_port(),
         "--allow-non-private", "--allow-plain-updates", "--test-fraction", "0")) for site in data}
     assert procs.wait(first, 600) == 0, procs.log(first)[-5000:]
     print(f"\nrestart chaos: run A (uninterrupted) done after {time.monotonic() - started:.0f} s")

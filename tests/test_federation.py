@@ -62,12 +62,21 @@ def test_three_sites_two_rounds_with_secagg(tiny_models, site_files, tmp_path):
         assert set(r) >= {"round", "central", "federated", "sites", "bytes_up", "bytes_down", "seconds"}
         assert set(r["sites"]) == {"site-0", "site-1", "site-2"}
         assert set(r["central"]) >= {"loss", "accuracy", "f1"}
-        assert set(r["federated"]) >= {"loss", "accuracy", "f1"}
+        # The sites' noised sums, added up: row count and accuracy (no F1: not answered).
+        assert set(r["federated"]) == {"examples", "accuracy"} and 0 <= r["federated"]["accuracy"] <= 1
         assert all(r["bytes_up"][s] > 0 and r["bytes_down"][s] > 0 for s in r["sites"])
     privacy = json.loads((out / "privacy.json").read_text())["sites"]
     for site, p in privacy.items():
         assert set(p) >= {"epsilon", "delta", "noise_multiplier", "max_grad_norm", "steps", "sample_rate", "accountant"}
         assert 0 < p["epsilon"] <= 4.0, (site, p)
+        # Its total covers the evaluation answers too, as recomputed from the simulated site's ledger.
+        from fedtune.privacy.ledger import PrivacyLedger
+
+        entries = PrivacyLedger(out / "sites" / site / "privacy-ledger.jsonl").entries()
+        assert sum(e.is_evaluation for e in entries) == 2
+        assert p["epsilon_total"] == pytest.approx(
+            PrivacyLedger(out / "sites" / site / "privacy-ledger.jsonl").epsilon(entries[0].dataset,
+                                                                                 entries[0].dataset_delta), rel=1e-6)
     # epsilon grows over rounds and ends close to the target: spread over the whole run
     eps1, eps2 = (records[i]["sites"]["site-0"]["epsilon"] for i in (1, 2))
     assert eps1 < eps2 <= 4.0 and eps2 > 3.5

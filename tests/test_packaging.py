@@ -215,7 +215,7 @@ secure_aggregation = false
             time.sleep(0.5)
         for i, site in enumerate(["site-a", "site-b"]):
             procs.start(site, _str([fedtune, "client", "--superlink", f"127.0.0.1:{port}", "--ca", certs / "ca.crt",
-                               "--key", certs / "sites" / f"{site}.key", "--data", files[i],
+                               "--key", certs / "sites" / f"{site}.key", "--data", files[i], "--labels", "neg,pos",
                                "--state-dir", work / "state" / site, "--runtime-port", free_port(),
                                     "--allow-plain-updates"]))
         assert procs.wait(server, 600) == 0, procs.log(server)[-5000:]

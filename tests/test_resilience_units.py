@@ -79,7 +79,8 @@ def _request(*sets, version=__version__):
 
 def _settings(path, **extra):
     return SiteSettings.model_validate({"site-id": "hospital-a", "data-path": str(path),
-                                        "state-dir": str(Path(path).parent / "state"), **extra})
+                                        "state-dir": str(Path(path).parent / "state"), "text-column": "review",
+                                        "label-column": "sentiment", "labels": "neg,pos", **extra})
 
 
 def _training_bucket(path, settings) -> int:
@@ -103,23 +104,26 @@ def test_a_site_with_the_columns_labels_and_rows_is_ready_and_declares_its_bucke
     assert reply.bucket == _training_bucket(site_file, settings) in (32, 64)  # 40 rows, about 8 in its test split
 
 
-def test_the_preflight_names_a_missing_column_and_no_path(site_file, caplog):
+def test_a_run_naming_other_columns_is_refused_by_site_policy_and_the_detail_stays_in_its_log(site_file, caplog):
     reply = check_site(_request('data.label_column="outcome"'), _settings(site_file))
-    assert not reply.ready and reply.reason == "missing column 'outcome'"
-    assert str(site_file) in caplog.text  # the detail stays in the site's own log
+    assert not reply.ready and reply.reason == "refused (site policy)" and reply.bucket == 0
+    assert "'outcome'" in caplog.text  # the detail stays in the site's own log
 
 
-def test_the_site_may_rename_its_columns(site_file, tmp_path):
+def test_the_site_answers_only_runs_naming_its_own_columns(site_file, tmp_path):
     cfg_cols = _request('data.text_column="text"', 'data.label_column="label"')
-    assert not check_site(cfg_cols, _settings(site_file)).ready
-    assert check_site(cfg_cols, _settings(site_file, **{"text-column": "review", "label-column": "sentiment"})).ready
+    assert check_site(cfg_cols, _settings(site_file)).reason == "refused (site policy)"
+    assert check_site(cfg_cols, _settings(site_file, **{"text-column": "text", "label-column": "label"})).reason == (
+        "not ready (site data)")  # its own columns, which its file lacks: said generically
+    assert check_site(_request(), _settings(site_file)).ready
 
 
-def test_unknown_labels_and_too_few_rows_are_refused_without_values(site_file):
+def test_other_labels_are_refused_and_the_batch_size_changes_nothing(site_file):
     reply = check_site(_request('data.labels=["neg", "neutral"]'), _settings(site_file))
-    assert not reply.ready and "'sentiment'" in reply.reason and "pos" not in reply.reason
-    reply = check_site(_request("train.batch_size=64"), _settings(site_file))
-    assert not reply.ready and "train.batch_size = 64" in reply.reason and "32" not in reply.reason
+    assert not reply.ready and reply.reason == "refused (site policy)"
+    assert check_site(_request('data.labels=["pos", "neg"]'), _settings(site_file)).ready  # the same set
+    ready = check_site(_request(), _settings(site_file))
+    assert check_site(_request("train.batch_size=64"), _settings(site_file)) == ready
 
 
 def test_an_unknown_run_config_key_names_both_versions(site_file):
@@ -135,7 +139,7 @@ def test_an_unknown_run_config_key_names_both_versions(site_file):
 def test_a_newcomers_run_config_with_auto_batch_and_learning_rate_passes_the_preflight(site_file):
     """The defaults the README recommends: batch size and learning rate "auto", resolved by each
     site from its own rows (a pre-flight that compared "auto" with a row count raised TypeError)."""
-    cfg = load_config(None, ['data.text_column="review"', 'data.label_column="sentiment"'])
+    cfg = load_config(None, ['data.text_column="review"', 'data.label_column="sentiment"', 'data.labels=["neg","pos"]'])
     assert cfg.train.batch_size == "auto" and cfg.train.learning_rate == "auto"
     settings = _settings(site_file)
     reply = check_site(PreflightRequest(run_id="r1", config=cfg.to_toml(), version=__version__), settings)
@@ -225,7 +229,7 @@ def test_a_preflight_names_a_sites_missing_column_before_round_1(site_file, tmp_
     cfg = load_config(None, ['data.text_column="review"', 'data.label_column="sentiment"', 'data.labels=["neg","pos"]',
                              "train.batch_size=16"])
     with pytest.raises(TooFewSites, match=r"1 site\(s\) can take part before round 1, 2 needed "
-                                          r"\(left out: hospital-b: pre-flight: missing column 'review'\)"):
+                                          r"\(left out: hospital-b: pre-flight: refused \(site policy\)\)"):
         roster.admit(_PreflightGrid(sites), "r1", cfg.to_toml())
     assert roster.eligible(1) and not roster.eligible(2)
     assert roster.max_weight == _training_bucket(site_file, sites[1])  # from hospital-a's declared bucket
@@ -241,7 +245,7 @@ def test_sites_that_do_not_answer_are_asked_again_and_max_weight_follows_the_lar
     roster.admit(grid, "r1", cfg)
     assert roster.eligible(1) and not roster.eligible(2)
     assert roster.max_weight == _training_bucket(site_file, grid.sites[1])
-    grid.sites[2] = SiteSettings.model_validate({"site-id": "big", "data-path": str(big)})
+    grid.sites[2] = _settings(big, **{"site-id": "big", "state-dir": str(tmp_path / "big-state")})
     roster.admit(grid, "r1", cfg)
     assert grid.asked == [1, 2, 2] and roster.eligible(2)
     assert roster.max_weight == 1024  # 560 training rows -> bucket 1024

@@ -1,5 +1,6 @@
-"""Replies carry only what the site permits: generic errors, evaluation under the site's cap,
-train replies without the un-noised loss or clipping counts unless the site opts in.
+"""Replies carry only what the site permits: generic errors, evaluation only noised, accounted
+and under the site's cap, train replies without the un-noised loss or clipping counts unless the
+site opts in.
 
 Everything here drives the site's ClientApp or client directly on the tiny model (no Ray)."""
 
@@ -22,7 +23,6 @@ from fedtune.adapters import get_adapter_arrays
 from fedtune.client.agent import SiteClient
 from fedtune.client.app import make_client_app
 from fedtune.client.budget import BudgetRefusal
-from fedtune.client.evaluation_policy import EvaluationAllowance
 from fedtune.client.replies import LOG_FILE, SiteReplyError, public_reason
 from fedtune.client.runtime import site_runtime
 from fedtune.client.settings import SiteSettings
@@ -47,7 +47,7 @@ def _instructions(config: str, run_id="run-a", rnd=1, rounds=2) -> dict:
 
 def _node_config(data: Path, state: Path, **extra) -> dict:
     return {"site-id": "clinic-7", "data-path": str(data), "state-dir": str(state),
-            "require-secure-aggregation": False, **extra}
+            "require-secure-aggregation": False, "labels": "neg,pos", **extra}
 
 
 def _message(kind: str, instr: dict) -> Message:
@@ -65,37 +65,55 @@ def _context(node_config: dict) -> Context:
     return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
 
 
+SECRET_COLUMN = "zz_secret_notes_col"
+
+
 @pytest.fixture()
-def bad_label_file(tmp_path):
-    rows = tiny.separable_rows(30, seed=3)
-    rows[11]["label"] = SECRET_LABEL  # data row 12 (line 13 of the file)
+def bad_column_file(tmp_path):
+    """The site's own text column is missing: its file names it otherwise."""
+    rows = [{SECRET_COLUMN: r["text"], "label": r["label"]} for r in tiny.separable_rows(30, seed=3)]
     return tiny.write_csv(rows, tmp_path / "private-ward-b" / "patients.csv")
 
 
 @pytest.mark.parametrize("kind", [MessageType.TRAIN, MessageType.EVALUATE])
-def test_a_data_error_reaches_the_coordinator_only_as_a_generic_reason(tiny_models, bad_label_file, tmp_path, kind):
+def test_a_data_error_reaches_the_coordinator_only_as_a_generic_reason(tiny_models, bad_column_file, tmp_path, kind):
     state = tmp_path / "state"
     app = make_client_app()
     msg = _message(kind, _instructions(_run_config(tiny_models["bert"])))
-    reply = app(msg, _context(_node_config(bad_label_file, state)))
+    reply = app(msg, _context(_node_config(bad_column_file, state)))
 
     assert reply.has_error()
     assert reply.error.reason == "clinic-7: data error"
-    # Nothing the coordinator receives names the file, the folder, the row or the label value.
+    # Nothing the coordinator receives names the file, the folder or the file's columns.
     sent = message_to_proto(reply).SerializeToString()
-    for needle in (SECRET_LABEL, "patients.csv", "private-ward-b", str(bad_label_file), "row 12", "line 13"):
+    for needle in (SECRET_COLUMN, "patients.csv", "private-ward-b", str(bad_column_file)):
         assert needle.encode() not in sent, needle
     # The site's own log keeps the whole story, so its operator can fix the file.
     log_text = (state / LOG_FILE).read_text()
-    assert SECRET_LABEL in log_text and "patients.csv" in log_text and "clinic-7: data error" in log_text
+    assert SECRET_COLUMN in log_text and "patients.csv" in log_text and "clinic-7: data error" in log_text
 
 
-def test_a_missing_file_or_column_is_a_data_error_too(tiny_models, tmp_path):
+def test_rows_with_an_undeclared_label_are_left_out_and_counted_only_at_the_site(tiny_models, tmp_path, caplog):
+    rows = tiny.separable_rows(30, seed=3)
+    rows[11]["label"] = SECRET_LABEL
+    data = tiny.write_csv(rows, tmp_path / "ward" / "patients.csv")
+    state = tmp_path / "state"
+    config = _run_config(tiny_models["bert"])
+    client = SiteClient(SiteSettings.model_validate(_node_config(data, state)))
+    with caplog.at_level("WARNING", logger="fedtune.client.site"):
+        site = site_runtime(config, client.settings, state)
+    assert len(site.data.train) + len(site.data.eval) == 29
+    assert "1 of 30 rows have a label outside the declared set" in caplog.text
+    _, n, metrics = client.fit(list(get_adapter_arrays(site.model).values()), _instructions(config, rounds=1))
+    assert n == len(site.data.train) and SECRET_LABEL not in json.dumps(metrics)
+
+
+def test_a_run_naming_other_columns_is_refused_by_site_policy_and_names_nothing(tiny_models, tmp_path):
     good = tiny.write_csv(tiny.separable_rows(20, seed=4), tmp_path / "g.csv")
     app = make_client_app()
     msg = _message(MessageType.TRAIN, _instructions(_run_config(tiny_models["bert"], ['data.text_column="notes_secret_col"'])))
     reply = app(msg, _context(_node_config(good, tmp_path / "s")))
-    assert reply.error.reason == "clinic-7: data error"
+    assert reply.error.reason == "clinic-7: refused (site policy)"
     assert b"notes_secret_col" not in message_to_proto(reply).SerializeToString()
 
 
@@ -157,28 +175,7 @@ def test_the_coordinator_records_generic_failure_reasons():
     assert _failure_reasons(failures) == ["site-1: refused (privacy budget)"]
 
 
-# -- evaluation: the site's setting and its per-run cap --------------------------------------
-
-@pytest.mark.parametrize("answer, cap, rounds_seen, expected", [
-    (True, None, [2, 2, 2], [True, True, False]),           # default: one per round of the run
-    (True, None, [2, 9, 9], [True, True, False]),           # rounds raised mid-run: the cap is not
-    (True, 1, [5, 5], [True, False]),                        # the site's own cap
-    (True, 0, [3], [False]),
-    (False, None, [3, 3], [False, False]),                   # the site answers no evaluation
-])
-def test_evaluation_allowance(tmp_path, answer, cap, rounds_seen, expected):
-    allowance = EvaluationAllowance(tmp_path)
-    got = [allowance.take("run-x", r, answer, cap).answer for r in rounds_seen]
-    assert got == expected
-    # Counted per run, persistently: another run starts from zero, a new process sees the count.
-    if answer and cap != 0:
-        assert EvaluationAllowance(tmp_path).take("run-y", 1, answer, cap).answer
-
-
-def test_a_damaged_count_answers_nothing(tmp_path):
-    (tmp_path / "evaluations.json").write_text("{not json")
-    assert not EvaluationAllowance(tmp_path).take("run-x", 3).answer
-
+# -- evaluation: only for a run the site trains, noised, recorded, capped per dataset -------------
 
 @pytest.fixture(scope="module")
 def good_site(tmp_path_factory):
@@ -198,38 +195,57 @@ def _arrays(client: SiteClient, config: str, state: Path) -> list[np.ndarray]:
     return list(get_adapter_arrays(site.model).values())
 
 
-def test_evaluation_follows_the_site_cap(tiny_models, good_site, tmp_path):
+def test_evaluation_is_answered_only_for_a_trained_run_noised_recorded_and_capped_per_dataset(
+        tiny_models, good_site, tmp_path):
+    from fedtune.privacy.release import noise_std
+
     config = _run_config(tiny_models["bert"])
     state = tmp_path / "state"
-    client = _client(good_site, state)
+    client = _client(good_site, state, **{"max-evaluations": 3})
     arrays = _arrays(client, config, state)
-    answers = [client.evaluate(arrays, _instructions(config, rnd=r, rounds=2)) for r in (1, 2)]
-    assert all(n > 0 and "fedtune.accuracy" in m for _, n, m in answers)
-    loss, n, metrics = client.evaluate(arrays, _instructions(config, rnd=3, rounds=50))  # beyond: declined
-    assert (loss, n) == (0.0, 0) and metrics == {"fedtune.site": "clinic-7", "fedtune.declined": True}
-    assert "declined evaluation" in (state / LOG_FILE).read_text()
-
+    declined = {"fedtune.site": "clinic-7", "fedtune.declined": True}
+    # No training plan accepted for run-a yet: declined, before the adapter touches a test row.
+    assert client.evaluate(arrays, _instructions(config, run_id="run-a")) == (0.0, 0, declined)
+    assert "no training plan accepted" in (state / LOG_FILE).read_text()
+    client.fit(arrays, _instructions(config, run_id="run-a", rounds=1))
+    client.fit(arrays, _instructions(config, run_id="run-b", rounds=1))
+    answers = [client.evaluate(arrays, _instructions(config, run_id=run, rnd=r))
+               for run, r in (("run-a", 1), ("run-a", 2), ("run-b", 1))]
+    held = len(site_runtime(config, client.settings, state).data.eval)
+    for _, n, metrics in answers:
+        assert set(metrics) == {"fedtune.site", "fedtune.examples", "fedtune.correct", "fedtune.epsilon_total"}
+        assert metrics["fedtune.examples"] != held and n == max(0, round(metrics["fedtune.examples"]))
+    entries = PrivacyLedger(state / "privacy-ledger.jsonl").entries()
+    evaluations = [e for e in entries if e.kind == "evaluate"]
+    assert [(e.run_id, e.round) for e in evaluations] == [("run-a", 1), ("run-a", 2), ("run-b", 1)]
+    z = evaluations[0].noise_multiplier
+    assert noise_std("sequence-classification", z)["correct"] > 1  # at 3 answers within epsilon 10: still > 1 row
+    # The cap counts answers per dataset over all runs: a fourth (any run) is declined.
+    assert client.evaluate(arrays, _instructions(config, run_id="run-b", rnd=2)) == (0.0, 0, declined)
     off = _client(good_site, tmp_path / "state-off", **{"answer-evaluation": False})
     _, n, metrics = off.evaluate(arrays, _instructions(config))
     assert n == 0 and metrics["fedtune.declined"] is True
 
 
-def test_coordinator_copes_with_declined_evaluations():
+def test_coordinator_adds_the_sites_noised_sums_and_copes_with_declined_evaluations():
     from types import SimpleNamespace as NS
 
     from fedtune.server.coordinator import RunRecorder
 
     recorder = RunRecorder.__new__(RunRecorder)
-    recorder.current, recorder.roster = {}, NS(node_site={})
+    recorder.current, recorder.roster, recorder.privacy = {}, NS(node_site={}), {}
     results = [
-        (NS(node_id=1), NS(num_examples=10, loss=0.5, metrics={"fedtune.site": "a", "fedtune.accuracy": 0.8})),
+        (NS(node_id=1), NS(num_examples=10, loss=0.0, metrics={"fedtune.site": "a", "fedtune.examples": 10.4,
+                                                               "fedtune.correct": 7.9})),
+        (NS(node_id=3), NS(num_examples=30, loss=0.0, metrics={"fedtune.site": "c", "fedtune.examples": 29.6,
+                                                               "fedtune.correct": 24.1})),
         (NS(node_id=2), NS(num_examples=0, loss=0.0, metrics={"fedtune.site": "b", "fedtune.declined": True})),
     ]
     recorder.on_federated(1, results)
-    assert recorder.current["federated"] == {"loss": 0.5, "accuracy": 0.8}
+    assert recorder.current["federated"] == {"examples": 40.0, "accuracy": pytest.approx(32.0 / 40.0)}
     assert recorder.current["evaluation_declined"] == ["b"]
     recorder.current = {}
-    recorder.on_federated(2, results[1:])
+    recorder.on_federated(2, results[2:])
     assert recorder.current["federated"] is None and recorder.current["evaluation_declined"] == ["b"]
 
 
@@ -293,12 +309,12 @@ def test_reply_settings_travel_from_the_client_flags_to_the_client_app(tmp_path)
     data = tiny.write_csv(tiny.separable_rows(10), tmp_path / "d.csv")
     args = build_parser().parse_args([
         "client", "--superlink", "x:1", "--insecure", "--data", str(data), "--answer-evaluation", "false",
-        "--max-evaluations-per-run", "2", "--report-train-loss", "yes", "--privacy-unit", "pid",
+        "--max-evaluations", "2", "--report-train-loss", "yes", "--privacy-unit", "pid",
         "--max-rows-per-unit", "3"])
     flags = {f: getattr(args, f) for f in ["data-path", *(f for f, _, _ in _SITE_FLAGS)]}
     settings = site_settings(ClientOptions(superlink="x:1", settings=flags))
     seen = settings_from_node_config(parse_config_args([str(node_config_file(settings, tmp_path))]))
-    assert (seen.answer_evaluation, seen.max_evaluations_per_run, seen.report_train_loss, seen.report_clipping,
+    assert (seen.answer_evaluation, seen.max_evaluations, seen.report_train_loss, seen.report_clipping,
             seen.privacy_unit, seen.max_rows_per_unit) == (False, 2, True, False, "pid", 3)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["client", "--superlink", "x:1", "--report-clipping", "maybe"])

@@ -69,7 +69,8 @@ class Site:
         """``accountant``: RDP by default (a calibration in milliseconds); the default PRV has its own
         tests. The site keeps its default local test split (0.2 of its rows, by keyed hash)."""
         self.state = state
-        self.node = {"site-id": "site-a", "data-path": str(data_file), "state-dir": str(state), **node}
+        self.node = {"site-id": "site-a", "data-path": str(data_file), "state-dir": str(state), "labels": "neg,pos",
+                     **node}
         self.model = model
         self.arrays = None
         self.accountant = accountant

@@ -221,6 +221,38 @@ def test_an_object_still_arriving_at_the_supernode_is_asked_for_again_at_once():
     assert client.PullObject("id") is missing and len(calls) == 5  # not found: Flower's error, at once
 
 
+def test_a_message_object_not_yet_at_the_superlink_is_asked_for_again_within_a_capped_wait(monkeypatch):
+    """fast_object_pulls: Flower's pull with its waits between retries recorded (no real sleep)."""
+    import threading
+
+    from flwr.supercore.inflatable import inflatable_utils
+    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
+
+    from fedtune.deployment.flower import OBJECT_BACKOFF_CAP_SECONDS, OBJECT_BACKOFF_SECONDS, fast_object_pulls
+
+    waits = []
+
+    class RecordedEvent(threading.Event):
+        def wait(self, timeout=None):
+            waits.append(timeout)
+            return self.is_set()
+
+    monkeypatch.setattr(inflatable_utils, "threading", SimpleNamespace(Event=RecordedEvent, Lock=threading.Lock))
+    module = SimpleNamespace(pull_objects=None)
+    fast_object_pulls(module)
+    tries = iter(range(12))
+
+    def pull(object_id):
+        if next(tries) < 10:
+            raise ObjectUnavailableError(object_id)
+        return b"content"
+
+    assert module.pull_objects(["o"], pull, max_concurrent_pulls=1) == {"o": b"content"}
+    assert len(waits) == 10
+    assert waits[0] <= OBJECT_BACKOFF_SECONDS * 1.2 and max(waits) <= OBJECT_BACKOFF_CAP_SECONDS * 1.2
+    assert sum(waits) < 2.5  # Flower's own waits (1, 2, 4, 8, 10, ... s) would add up to 75 s
+
+
 def test_the_flower_functions_the_site_worker_relies_on_are_as_pinned():
     """Flower 1.42.0: with --isolation process the SuperNode starts no SuperExec (so no process
     that could run a bundle's code), AcquireTask hands out ClientApp tasks with a token, and the
@@ -255,12 +287,13 @@ def test_the_flower_functions_the_site_worker_relies_on_are_as_pinned():
     from flwr.supercore.inflatable import inflatable_protobuf_utils
 
     assert "if not response.object_available:" in inspect.getsource(inflatable_protobuf_utils)
-    # fast_object_pulls: both ends call the module-level name, which takes initial_backoff.
+    # fast_object_pulls: both ends call the module-level name, which takes initial_backoff and backoff_cap.
     from flwr.superlink.grid import http_grid
     from flwr.supercore.inflatable.inflatable_utils import pull_objects
 
     assert "all_object_contents = pull_objects(" in inspect.getsource(http_grid)
     assert inspect.signature(pull_objects).parameters["initial_backoff"].default == 1
+    assert inspect.signature(pull_objects).parameters["backoff_cap"].default == 10
     assert list(inspect.signature(run_clientapp.push_message).parameters) == ["client", "message", "context"]
     assert list(inspect.signature(run_clientapp.push_task_output).parameters) == [
         "client", "context", "sub_status", "details"]
@@ -282,7 +315,8 @@ def test_a_refused_run_gets_the_generic_refusal_for_every_message_and_is_recorde
 
     data = tiny.write_csv(tiny.separable_rows(20, seed=1), tmp_path / "site-a.csv")
     state = tmp_path / "state"
-    context = SimpleNamespace(node_config={"data-path": str(data), "site-id": "site-a", "state-dir": str(state)})
+    context = SimpleNamespace(node_config={"data-path": str(data), "site-id": "site-a", "state-dir": str(state),
+                                           "labels": "neg,pos"})
     hostile = _zip({"pyproject.toml": tomli_w.dumps(app_manifest()).encode(),
                     "fedtune/__init__.py": b"raise SystemExit('hostile code ran')\n"})
     for kind in (MessageType.QUERY, MessageType.TRAIN, MessageType.EVALUATE):
@@ -306,8 +340,10 @@ def test_an_approved_run_is_answered_by_the_installed_fedtune(tmp_path):
 
     data = tiny.write_csv(tiny.separable_rows(40, seed=1), tmp_path / "site-a.csv")
     state = tmp_path / "state"
-    context = SimpleNamespace(node_config={"data-path": str(data), "site-id": "site-a", "state-dir": str(state)})
-    request = PreflightRequest(run_id="r", config=load_config(None).to_toml(), version=__version__)
+    context = SimpleNamespace(node_config={"data-path": str(data), "site-id": "site-a", "state-dir": str(state),
+                                           "labels": "neg,pos"})
+    request = PreflightRequest(run_id="r", config=load_config(None, ['data.labels=["neg","pos"]']).to_toml(),
+                               version=__version__)
     own = _fab(write_flower_app(tmp_path / "app"))
     reply = answer(_message(MessageType.QUERY, RecordDict({RECORD: ConfigRecord(request.to_record())})),
                    context, 8, own)
@@ -324,7 +360,8 @@ def test_a_broken_state_folder_still_answers_only_generic_words(tmp_path):
     data = tiny.write_csv(tiny.separable_rows(20, seed=1), tmp_path / "site-a.csv")
     state = tmp_path / "private-state"
     state.write_text("a file where the state folder should be")
-    context = SimpleNamespace(node_config={"data-path": str(data), "site-id": "site-a", "state-dir": str(state)})
+    context = SimpleNamespace(node_config={"data-path": str(data), "site-id": "site-a", "state-dir": str(state),
+                                           "labels": "neg,pos"})
     hostile = _zip({"pyproject.toml": tomli_w.dumps(app_manifest()).encode(), "x.py": b""})
     reply = answer(_message(MessageType.TRAIN, RecordDict()), context, 9, hostile)
     assert reply.has_error() and reply.error.reason == "site-a: internal error"

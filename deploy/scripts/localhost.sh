@@ -3,13 +3,16 @@
 # coordinator and one site agent per data file, each its own process; everything is stopped at
 # the end (also on Ctrl-C or failure).
 #   deploy/scripts/localhost.sh RUN_CONFIG OUT_DIR SITE_FILE [SITE_FILE ...]
-# e.g. with the demo's split (fedtune split-data writes site-*.csv and the coordinator's eval.csv):
+# e.g. with the demo's split (fedtune split-data writes site-*.csv, the coordinator's eval.csv and
+# labels.txt, the label set every site declares; or set LABELS=a,b,...):
 #   fedtune split-data --out /tmp/demo-split
 #   sed 's#/data/eval.csv#/tmp/demo-split/eval.csv#' deploy/run.toml > /tmp/run.toml
 #   deploy/scripts/localhost.sh /tmp/run.toml runs/localhost /tmp/demo-split/site-{0,1,2}.csv
 set -euo pipefail
-[ $# -ge 3 ] || { sed -n '2,10p' "$0"; exit 2; }
+[ $# -ge 3 ] || { sed -n '2,11p' "$0"; exit 2; }
 config=$1; out=$2; shift 2
+labels=${LABELS:-$(cat "$(dirname "$1")/labels.txt" 2>/dev/null || true)}
+label_flag=(); [ -n "$labels" ] && label_flag=(--labels "$labels")
 work=$(mktemp -d); port=${PORT:-9092}
 export FLWR_HOME="$work/flwr" FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 HF_HUB_OFFLINE=1
 pids=()
@@ -28,7 +31,8 @@ done
 i=0
 for data in "$@"; do
     fedtune client --superlink "127.0.0.1:$port" --ca "$work/certs/ca.crt" --key "$work/certs/sites/site-$i.key" \
-        --data "$data" --state-dir "$work/site-$i" --runtime-port $((port + 100 + i)) > "$work/site-$i.log" 2>&1 &
+        --data "$data" "${label_flag[@]}" --state-dir "$work/site-$i" --runtime-port $((port + 100 + i)) \
+        > "$work/site-$i.log" 2>&1 &
     pids+=($!); i=$((i + 1))
 done
 rc=0; wait "$server" || rc=$?

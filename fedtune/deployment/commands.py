@@ -94,8 +94,12 @@ def _verbose(p) -> None:
 _SITE_FLAGS = [
     ("site-id", str, "the site's name in reports (default: the key file's name)"),
     ("data-format", str, "auto, csv, tsv, jsonl or parquet (default: from the file name)"),
-    ("text-column", str, "the text column (default: the run config's)"),
-    ("label-column", str, "the label column (default: the run config's)"),
+    ("text-column", str, "the text column this site shares (default: text); a run naming another is refused"),
+    ("label-column", str, "the label column this site shares (default: label)"),
+    ("labels", str, "the label set this site declares, comma-separated (e.g. neg,pos): a classification run must "
+                    "name exactly these; unset: no classification run is answered"),
+    ("prompt-column", str, "for generation: the prompt column this site shares (default: prompt)"),
+    ("response-column", str, "for generation: the response column this site shares (default: response)"),
     ("test-fraction", float, "share of the site's rows held out for its local evaluation (default 0.2, whatever the run asks)"),
     ("device", str, "cpu, cuda, cuda:1 or auto"),
     ("state-dir", str, "where the site keeps its privacy ledger and secrets (default: ~/.fedtune/sites/ID)"),
@@ -106,7 +110,8 @@ _SITE_FLAGS = [
     ("max-noise-multiplier", float, "refuse a run that needs more noise than this (default: 20)"),
     ("dataset", str, "the dataset's name for the lifetime cap (default: the data file's name)"),
     ("answer-evaluation", lambda v: _flag_bool(v), "true/false: answer federated-evaluation requests (default true)"),
-    ("max-evaluations-per-run", int, "evaluations answered per run (default: one per round of the run)"),
+    ("max-evaluations", int, "noised evaluation answers per dataset over all runs (default 50), together "
+                             "within lifetime-epsilon"),
     ("report-train-loss", lambda v: _flag_bool(v), "true/false: send the un-noised train loss (default false)"),
     ("report-clipping", lambda v: _flag_bool(v), "true/false: send how many values SecAgg+ clipped (default false)"),
     ("privacy-unit", str, "identifier column (e.g. patient id): bound each unit's rows, report its epsilon"),

@@ -165,6 +165,24 @@ def _policy_line(settings) -> str:
     return SitePolicy(**{k: getattr(settings, k) for k in SitePolicy.model_fields}).describe()
 
 
+def _shares_line(settings) -> str:
+    """What the site shares, for its admin: its pinned columns and declared labels; without
+    declared labels, the labels its file holds (shown here only, never sent)."""
+    line = (f"columns text={settings.text_column!r} label={settings.label_column!r} (generation: "
+            f"prompt={settings.prompt_column!r} response={settings.response_column!r}); ")
+    if settings.label_set is not None:
+        return line + f"labels {', '.join(settings.label_set)}"
+    from fedtune.data.readers import read_table
+
+    table = read_table(settings.data_path, settings.data_format)
+    held = ""
+    if settings.label_column in table.columns:
+        values = sorted({str(v) for v in table[settings.label_column].dropna()})
+        held = f" (this file's {settings.label_column!r} column holds: {', '.join(values[:20])}" + (
+            f", ... {len(values)} in all)" if len(values) > 20 else ")")
+    return line + f"NO LABELS DECLARED: no classification run is answered until --labels names them{held}"
+
+
 def run_agent(opts: ClientOptions) -> int:
     settings = site_settings(opts)
     state = Path(settings.state_dir)
@@ -183,6 +201,8 @@ def run_agent(opts: ClientOptions) -> int:
           f"privacy ledger in {state}; Flower's log in {log_path}", flush=True)
     print(f"fedtune client: privacy (this site's own, whatever a run config asks): {_policy_line(settings)}; "
           f"dataset '{settings.dataset_name}'", flush=True)
+    print(f"fedtune client: shares (a run naming other columns or labels is refused): {_shares_line(settings)}",
+          flush=True)
     view = SiteRoundView(settings.site_id, state).start()
     env = flower_env()
     with processes.terminate_on_signals(), open(log_path, "ab") as flower_log:

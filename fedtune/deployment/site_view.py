@@ -26,8 +26,9 @@ def _read_jsonl(path: Path) -> list[dict]:
 def spent(ledger_path: Path, rnd: int, since: int = 0) -> Optional[dict]:
     """What the ledger says about round ``rnd`` among the entries after the first ``since``:
     that round's noise and steps, epsilon over its run so far and over every run on the same data
-    (recomputed from the entries, as the site's own accountant does)."""
-    from fedtune.privacy.accounting import compute_epsilon
+    (training and evaluation answers, recomputed from the entries as the site's own accountant
+    does), whether it trained and how many evaluation answers it recorded."""
+    from fedtune.privacy.composition import compose, dataset_epsilon
     from fedtune.privacy.ledger import PrivacyLedger
 
     entries = PrivacyLedger(ledger_path).entries()
@@ -36,15 +37,16 @@ def spent(ledger_path: Path, rnd: int, since: int = 0) -> Optional[dict]:
         return None
     last = matches[-1]
     upto = entries[: entries.index(last) + 1]
-    run = [e for e in upto if e.run_id == last.run_id and e.dataset == last.dataset]
     lifetime = [e for e in upto if e.dataset == last.dataset]
-
-    def eps(items):
-        return compute_epsilon([(e.noise_multiplier, e.sample_rate, e.steps) for e in items], last.delta,
-                               last.accountant)
-
-    return {"steps": last.steps, "noise": last.noise_multiplier, "epsilon_run": eps(run),
-            "epsilon_lifetime": eps(lifetime), "delta": last.delta}
+    trained = [e for e in matches if not e.is_evaluation]
+    out = {"epsilon_lifetime": dataset_epsilon(lifetime, last.dataset_delta or last.delta),
+           "evaluated": len(matches) - len(trained), "trained": bool(trained)}
+    if trained:
+        step = trained[-1]
+        run = [e for e in upto if e.run_id == step.run_id and e.dataset == step.dataset and not e.is_evaluation]
+        out.update(steps=sum(e.steps for e in trained), noise=step.noise_multiplier,
+                   epsilon_run=compose(run, step.delta), delta=step.delta)
+    return out
 
 
 def format_site_round(site: str, rnd: str, messages: list[dict], ledger: Optional[dict]) -> str:
@@ -52,14 +54,16 @@ def format_site_round(site: str, rnd: str, messages: list[dict], ledger: Optiona
     received = sum(m.get("bytes_in", 0) for m in messages) / 1e6
     errors = [m["error"] for m in messages if m.get("error")]
     parts = [f"{site} round {rnd}:"]
-    if ledger:
+    if ledger and ledger["trained"]:
         parts.append(f"trained {ledger['steps']} steps at noise {ledger['noise']:.2f}, epsilon "
                      f"{ledger['epsilon_run']:.2f} this run ({ledger['epsilon_lifetime']:.2f} lifetime, delta "
                      f"{ledger['delta']:g});")
-    elif errors:
+    if ledger and ledger["evaluated"]:
+        parts.append(f"answered evaluation with noise (in the ledger; {ledger['epsilon_lifetime']:.2f} lifetime);")
+    if not ledger and errors:
         parts.append(f"refused or failed ({errors[0][:160]});")
-    else:
-        parts.append("evaluated only (not sampled to train);")
+    elif not ledger:
+        parts.append("nothing trained or answered;")
     parts.append(f"sent {sent:.2f} MB, received {received:.2f} MB")
     return " ".join(parts)
 

@@ -12,7 +12,13 @@ from fedtune.io_utils import atomic_write_text
 from .dataset import federated_rows, site_id
 
 
+LABELS_FILE = "labels.txt"
+
+
 def write_site_files(cfg: FedTuneConfig, out: Path) -> list[Path]:
+    """The site files, the coordinator's evaluation file and, for classification, ``labels.txt``:
+    the label set each site declares (``fedtune client --labels "$(cat labels.txt)"``), since a
+    deployed site answers only runs naming the labels its admin declared."""
     rows = federated_rows(cfg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -21,4 +27,7 @@ def write_site_files(cfg: FedTuneConfig, out: Path) -> list[Path]:
         path = out / f"{name}.csv"
         atomic_write_text(path, frame[rows.columns].to_csv(index=False))
         written.append(path)
+    if rows.label_map is not None:
+        atomic_write_text(out / LABELS_FILE, ",".join(rows.label_map.labels) + "\n")
+        written.append(out / LABELS_FILE)
     return written

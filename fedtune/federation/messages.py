@@ -60,8 +60,13 @@ class SiteReport(_Flat):
 
 
 class SiteEvalReport(_Flat):
+    """Site -> coordinator, with every evaluate reply: sums over the site's test rows, each with
+    Gaussian noise the site calibrated and recorded in its ledger (fedtune/privacy/release.py),
+    or a refusal. The coordinator divides the sums of all sites (post-processing)."""
+
     site: str
-    declined: Optional[bool] = None   # the site's settings (or its per-run cap) say no: 0 examples
-    accuracy: Optional[float] = None
-    f1: Optional[float] = None
-    perplexity: Optional[float] = None
+    declined: Optional[bool] = None   # the site's settings or its evaluation budget say no: 0 examples
+    examples: Optional[float] = None  # noised number of test rows
+    correct: Optional[float] = None   # classification: noised number classified correctly
+    loss_sum: Optional[float] = None  # generation: noised sum of clipped per-row mean token losses
+    epsilon_total: Optional[float] = None  # the site's dataset, training and evaluation, with this answer

@@ -1,8 +1,10 @@
 """The pre-flight before round 1: the coordinator sends the run config and its fedtune version;
-each site checks the run against its own data and answers ready, or not ready with a short
-reason. The reason names a config key or column of the run, never a path, a value or a count
-(the full message stays in the site's log); the site also declares the power-of-two bucket of
-its training rows, for SecAgg+'s max_weight (the coordinator learns its size within 2x)."""
+each site answers ready or not ready, nothing more. A not-ready reason is one of: the run config
+cannot be read by this site's fedtune (naming the run's key), ``refused (site policy)`` (the run
+names other columns or labels than the site's, or asks for no DP), or ``not ready (site
+data)``; never a path, a value, a column of the file or a count (the full message stays in the
+site's log). A ready site declares the power-of-two bucket of its training rows, for SecAgg+'s
+max_weight: its own coarse figure (within 2x), the same whatever the run asks."""
 
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from fedtune.federation.messages import _Flat
 log = logging.getLogger("fedtune.site")
 
 RECORD = "fedtune.preflight"
+SITE_POLICY = "refused (site policy)"   # the run asks what the site's own settings refuse
+SITE_DATA = "not ready (site data)"     # the site's own file, under its own settings: details in its log
 
 
 class PreflightRequest(_Flat):
@@ -39,7 +43,13 @@ def weight_bucket(examples: int) -> int:
 
 
 def check_site(request: PreflightRequest, settings) -> PreflightReply:
-    """The site's answer. ``settings`` is the site's own ``SiteSettings``."""
+    """The site's answer: ready or not, nothing more. ``settings`` is the site's own
+    ``SiteSettings``. In order: the run config as this site's fedtune reads it; the site's policy
+    on the request alone (its own columns and declared labels, DP on: client/policy.py), refused
+    as ``refused (site policy)``; then the site's own data under its own columns, labels and
+    split, which no value of the run (batch size, labels, columns) can change: "ready" with the
+    power-of-two bucket of its training rows (for SecAgg+), or the generic "not ready (site
+    data)". The details stay in the site's log."""
     def refuse(reason: str, detail: str = "") -> PreflightReply:
         log.warning("pre-flight for run %s: not ready: %s%s", request.run_id, reason, f" ({detail})" if detail else "")
         return PreflightReply(site=settings.site_id, ready=False, reason=reason, version=__version__)
@@ -47,53 +57,30 @@ def check_site(request: PreflightRequest, settings) -> PreflightReply:
     cfg, problem = _site_config(request, settings)
     if cfg is None:
         return refuse(problem)
-    from fedtune.data import DataError, read_table
-    from fedtune.data.cleaning import clean_rows
-    from fedtune.data.site import CLASSIFICATION, data_columns
+    from fedtune.client.policy import BudgetRefusal, check_before_rows
 
+    try:
+        check_before_rows(settings, cfg)
+    except BudgetRefusal as refusal:
+        return refuse(SITE_POLICY, str(refusal))
     if settings.data_path is None:
-        return refuse("this site has no data file (data-path)")
-    try:
-        table = read_table(settings.data_path, settings.data_format)
-    except (DataError, OSError) as exc:
-        return refuse("the site's data file cannot be read", str(exc))
-    cols = data_columns(cfg.data, cfg.model.task)
-    missing = [c for c in dict.fromkeys(cols) if c not in table.columns]
-    if missing:
-        return refuse(f"missing column{'s' if len(missing) > 1 else ''} {', '.join(repr(c) for c in missing)}",
-                      f"{settings.data_path} has {', '.join(map(str, table.columns))}")
-    try:
-        rows, _ = clean_rows(table, cols, str(settings.data_path))
-    except DataError as exc:
-        return refuse("no usable rows in the site's data", str(exc))
-    if cfg.model.task == CLASSIFICATION and cfg.data.labels:
-        unknown = set(rows[cols[1]]) - set(cfg.data.labels)
-        if unknown:
-            return refuse(f"labels in column {cols[1]!r} that the run does not know",
-                          f"{sorted(unknown)[:10]} not in {cfg.data.labels}")
-    # The site's own split (its fraction, its keyed hash), exactly as training will draw it.
-    from fedtune.client.secret import membership_key
-    from fedtune.client.settings import site_test_fraction, state_dir
-    from fedtune.data.membership import split_rows
+        return refuse(SITE_DATA, "this site has no data file (data-path)")
+    from fedtune.client.runtime import site_config, site_training_rows
+    from fedtune.client.settings import state_dir
 
     try:
-        train_rows, _ = split_rows(rows, cols, site_test_fraction(settings, cfg.federation.site_test_fraction),
-                                   membership_key(settings, cfg.train.seed, state_dir(settings)),
-                                   str(settings.data_path))
-    except DataError as exc:
-        return refuse("no training rows after the site's test split", str(exc))
-    train = len(train_rows)
-    # ``auto`` resolves at the site to a batch of at most its training rows (training/auto.py's
-    # ladder ends at the row count), so only an explicit number can be too large.
-    if isinstance(cfg.train.batch_size, int) and train < cfg.train.batch_size:
-        return refuse(f"fewer training rows than train.batch_size = {cfg.train.batch_size}",
-                      f"{train} training rows")
+        train = site_training_rows(site_config(request.config, settings), settings, request.config,
+                                   state_dir(settings))
+    except Exception as exc:  # noqa: BLE001 - the file, its columns, its rows: the site's own, said locally
+        return refuse(SITE_DATA, f"{type(exc).__name__}: {exc}")
+    if train < 1:
+        return refuse(SITE_DATA, "no training rows after the site's own split")
     log.info("pre-flight for run %s: ready (%d training rows)", request.run_id, train)
     return PreflightReply(site=settings.site_id, ready=True, version=__version__, bucket=weight_bucket(train))
 
 
 def _site_config(request: PreflightRequest, settings):
-    """The run config as this site's fedtune reads it, with the site's own column names."""
+    """The run config as this site's fedtune reads it (its columns checked by the site's policy)."""
     from fedtune.config import FedTuneConfig
 
     versions = f"site fedtune {__version__}, coordinator fedtune {request.version}"
@@ -101,10 +88,6 @@ def _site_config(request: PreflightRequest, settings):
         raw = tomllib.loads(request.config)
     except tomllib.TOMLDecodeError:
         return None, f"the run config is not valid TOML ({versions})"
-    data = raw.setdefault("data", {})
-    for key, value in (("text_column", settings.text_column), ("label_column", settings.label_column)):
-        if value is not None:
-            data[key] = value
     try:
         return FedTuneConfig.model_validate(raw), ""
     except ValidationError as err:

@@ -31,8 +31,8 @@ PROTECTED = """\
 
 ## What still travels in the clear
 
-SecAgg+ masks only the adapter update. Everything below reaches the coordinator unmasked and is
-not covered by the DP guarantee:
+SecAgg+ masks only the adapter update. Everything below reaches the coordinator unmasked; only
+the evaluation answers are covered by the DP guarantee:
 
 - **With every train reply** (`SiteReport`): the site's name, its epsilon for this run and in
   total, delta, noise multiplier, clip norm, sample rate (batch size / training rows, so it
@@ -41,11 +41,14 @@ not covered by the DP guarantee:
   SecAgg+ sum. The un-noised **train loss** and the count of **values SecAgg+ clipped** are sent
   only by sites that opt in (`report-train-loss`, `report-clipping`); by default they stay at
   the site.
-- **With every evaluation the site answers** (`SiteEvalReport`): the loss, accuracy and F1 (or
-  perplexity) of the global model on its local test rows, and their number. A site answers at
-  most `max-evaluations-per-run` evaluations per run (default: one per round of the run) and none
-  with `answer-evaluation = false`; a declined request is answered with 0 examples and
-  `declined`.
+- **With every evaluation the site answers** (`SiteEvalReport`): sums over its local test rows,
+  each with Gaussian noise the site calibrated and recorded in its ledger (covered by its epsilon,
+  composed in parallel with training): the row count and the correct count (classification) or
+  the sum of clipped per-row losses (generation), and the dataset's epsilon. A site answers only
+  for a run it trained, at most `max-evaluations` times per dataset over all runs (default 50)
+  and none with `answer-evaluation = false`; a declined request is answered with 0 examples and
+  `declined`. The federated metrics in this run folder are those noised sums, added up and
+  divided by the coordinator; the central evaluation is exact.
 - **When a site refuses or fails**: one short generic line, e.g. `site-2: refused (privacy
   budget)`, `site-2: refused (site policy)`, `site-2: data error`, `site-2: internal error`. The
   full message (file paths, row numbers, column names, label values) stays in the site's log

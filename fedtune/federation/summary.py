@@ -35,7 +35,7 @@ def format_summary(records: list[dict]) -> str:
     causal = any("perplexity" in (r.get(k) or {}) for r in records for k in ("central", "federated"))
     metrics = ["loss", "perplexity"] if causal else ["accuracy", "f1", "loss"]
     fed_metric = "perplexity" if causal else "accuracy"
-    header = ["round", *metrics, f"fed {fed_metric}", "max eps", "MB up", "MB down", "seconds"]
+    header = ["round", *metrics, f"fed {fed_metric} (noised)", "max eps", "MB up", "MB down", "seconds"]
     rows = []
     for r in records:
         central, fed = r.get("central") or {}, r.get("federated") or {}

@@ -74,6 +74,7 @@ def compute_epsilon(history: list[tuple[float, float, int]], delta: float, mecha
 # Above this RDP epsilon the PRV accountant is not asked (see _composed_epsilon); the numbers a
 # run can meaningfully spend are far below it.
 PRV_LIMIT = 100.0
+PRV_MAX_STEPS = 50_000  # steps of one history above which PRV is not asked either (its memory grows with them)
 
 
 @lru_cache(maxsize=4096)
@@ -85,10 +86,11 @@ def _composed_epsilon(history: tuple[tuple[float, float, int], ...], delta: floa
         if mechanism == "prv":
             # RDP's epsilon is a valid upper bound, cheap at any noise. PRV is tighter but its
             # numerics need memory and time that explode as the noise vanishes (noise 0.05: GiBs,
-            # minutes, then MemoryError), which a hostile run config could ask for. Where even
-            # the bound says "no privacy", report the bound (conservative, never smaller).
+            # minutes, then MemoryError) or the steps grow (2 million steps: MemoryError), both
+            # of which a hostile run config could ask for. Where even the bound says "no
+            # privacy", or past PRV_MAX_STEPS, report the bound (conservative, never smaller).
             bound = _epsilon_of("rdp", history, delta)
-            if bound > PRV_LIMIT:
+            if bound > PRV_LIMIT or sum(s for _, _, s in history) > PRV_MAX_STEPS:
                 return bound
         return _epsilon_of(mechanism, history, delta)
 
@@ -118,21 +120,35 @@ def calibrate_noise_multiplier(
     return _calibrate_after(target_epsilon, delta, sample_rate, total_steps, mechanism, prior_history)
 
 
+# Above this many planned steps PRV is calibrated by a bisection through compute_epsilon (whose
+# PRV calls are guarded, see _composed_epsilon) below RDP's noise, not by Opacus's own search:
+# that search tries small noise multipliers first, and at a hostile run's rounds = 10^6 one such
+# PRV call asked for a 5.8 GiB array (the site process was killed). Runs of realistic length stay
+# on Opacus's search, with the numbers they always had.
+PRV_SEARCH_MAX_STEPS = 10_000
+
+
 @lru_cache(maxsize=256)
 def _calibrate_fresh(target_epsilon: float, delta: float, sample_rate: float, total_steps: int,
                      mechanism: Mechanism) -> float:
     # A pure function that takes seconds with PRV; a simulated site process calibrates the same
     # numbers every round (and for every site of the same size), so remember them.
-    return float(
-        get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=total_steps,
-            accountant=mechanism,
-            epsilon_tolerance=0.005,
-        )
-    )
+    def opacus(accountant: str) -> float:
+        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+                                          steps=total_steps, accountant=accountant, epsilon_tolerance=0.005))
+
+    if mechanism != "prv" or total_steps <= PRV_SEARCH_MAX_STEPS:
+        return opacus(mechanism)
+    if total_steps > PRV_MAX_STEPS:  # compute_epsilon answers with RDP's bound there: calibrate to it
+        return opacus("rdp")
+    # RDP's epsilon bounds PRV's from above, so RDP's noise is enough for PRV: search below it.
+    high = opacus("rdp")
+    low = 0.0
+    while high - low > 1e-3 * high:
+        mid = (low + high) / 2
+        low, high = (low, mid) if compute_epsilon([(mid, sample_rate, total_steps)], delta, "prv") <= target_epsilon \
+            else (mid, high)
+    return high
 
 
 def _calibrate_after(target_epsilon, delta, sample_rate, total_steps, mechanism, prior) -> float:

@@ -84,6 +84,14 @@ class LedgerEntry(BaseModel):
     # The delta the dataset's lifetime cap is composed at: fixed by the site at the dataset's
     # first use (client/budget.py) and repeated on every entry; absent in older ledgers.
     dataset_delta: Optional[float] = Field(None, gt=0, lt=1)
+    # "evaluate": one noised evaluation answer (client/evaluation_policy.py), a Gaussian release
+    # of test-row sums with noise multiplier ``noise_multiplier`` (sample rate 1, 1 step, the sums
+    # scaled to sensitivity 1: ``max_grad_norm`` 1); absent: a DP-SGD training call.
+    kind: Optional[Literal["evaluate"]] = None
+
+    @property
+    def is_evaluation(self) -> bool:
+        return self.kind == "evaluate"
 
     def expected_hash(self) -> str:
         # Optional fields left unset are not hashed, so entries written before they existed verify.
@@ -146,20 +154,23 @@ class PrivacyLedger:
             return entry
 
     def history(self, dataset: str) -> list[tuple[float, float, int]]:
-        """``(noise_multiplier, sample_rate, steps)`` of every call on ``dataset``, in order."""
-        return [(e.noise_multiplier, e.sample_rate, e.steps) for e in self.entries() if e.dataset == dataset]
+        """``(noise_multiplier, sample_rate, steps)`` of every training call on ``dataset``, in order."""
+        return [(e.noise_multiplier, e.sample_rate, e.steps) for e in self.entries()
+                if e.dataset == dataset and not e.is_evaluation]
 
-    def epsilon(self, dataset: str, delta: float, mechanism: str) -> float:
-        """Epsilon of everything this site ever trained on ``dataset``, composed by the accountant."""
-        from fedtune.privacy.accounting import compute_epsilon
+    def epsilon(self, dataset: str, delta: float, mechanism: Optional[str] = None) -> float:
+        """Epsilon of everything this site ever released about ``dataset`` (training and
+        evaluation answers), composed by the accountant (fedtune/privacy/composition.py); with
+        ``mechanism``, that accountant for every entry, else each entry's own."""
+        from fedtune.privacy.composition import dataset_epsilon
 
-        return compute_epsilon(self.history(dataset), delta, mechanism)
+        return dataset_epsilon([e for e in self.entries() if e.dataset == dataset], delta, mechanism)
 
     def runs(self, dataset: str) -> dict[str, list[int]]:
-        """run_id -> rounds trained on ``dataset`` (one per entry, in ledger order)."""
+        """run_id -> rounds trained on ``dataset`` (one per training entry, in ledger order)."""
         out: dict[str, list[int]] = {}
         for e in self.entries():
-            if e.dataset == dataset:
+            if e.dataset == dataset and not e.is_evaluation:
                 out.setdefault(e.run_id, []).append(e.round)
         return out
 

@@ -64,7 +64,8 @@ def deploy(model: Path, sites: int, rounds: int, work: Path) -> dict:
             for s in names:
                 procs.start(s, fedtune_cmd(
                     "client", "--superlink", f"127.0.0.1:{port}", "--ca", certs.ca_cert, "--key", certs.site_key(s),
-                    "--data", data[s], "--state-dir", work / "state" / s, "--runtime-port", free_port()))
+                    "--data", data[s], "--labels", "neg,pos", "--state-dir", work / "state" / s,
+                    "--runtime-port", free_port()))
             # Generous: 8 sites on 2 shared cores take minutes a round.
             rc = procs.wait(server, 600 + 240 * sites * rounds)
         wall = time.perf_counter() - started

@@ -88,7 +88,7 @@ def deployed(config: Path, parts: Path, work: Path) -> dict:
             time.sleep(0.5)
         for i, s in enumerate(names):
             procs.start(s, fedtune_cmd("client", "--superlink", f"127.0.0.1:{port}", "--ca", certs.ca_cert, "--key",
-                                       certs.site_key(s), "--data", parts / f"{s}.csv", "--state-dir",
+                                       certs.site_key(s), "--data", parts / f"{s}.csv", "--labels", "neg,pos", "--state-dir",
                                        work / "state" / s, "--runtime-port", free_port()))
         rc = procs.wait(server, 3600)
     finally:

@@ -17,7 +17,8 @@ def plot_accuracy_vs_epsilon(results: list[dict], path: Path) -> Path:
     groups: dict[str, list[tuple[float, float]]] = {}
     for r in results:
         if r["kind"] == "federated":
-            groups.setdefault(f"{r['dataset']} federated", []).append((r["epsilon_target"], r["accuracy"]))
+            if not r.get("variant"):  # variants (e.g. with federated evaluation): not a point of the curve
+                groups.setdefault(f"{r['dataset']} federated", []).append((r["epsilon_target"], r["accuracy"]))
         elif r["dp"]:
             groups.setdefault(f"{r['dataset']} centralized DP", []).append((r["epsilon_target"], r["accuracy"]))
     for label, points in groups.items():
@@ -51,8 +52,13 @@ def plot_utility(results: list[dict], dataset: str, path: Path) -> Path:
         for r in (r for r in results if r["dataset"] == dataset
                   or (r["kind"] == "centralized" and dataset.startswith(r["dataset"]))):
             if r["kind"] == "federated":
-                ax.plot([x["round"] for x in r["rounds"]], [x[metric] for x in r["rounds"]], marker="o",
-                        label=r["name"])
+                line, = ax.plot([x["round"] for x in r["rounds"]], [x[metric] for x in r["rounds"]], marker="o",
+                                label=r["name"])
+                fed = [(x["round"], x.get("federated_accuracy")) for x in r["rounds"]]
+                fed = [(rnd, v) for rnd, v in fed if v is not None]
+                if metric == "accuracy" and fed:  # the sites' noised answers, same run, same colour
+                    ax.plot([p[0] for p in fed], [p[1] for p in fed], marker="x", linestyle=":",
+                            color=line.get_color(), label=f"{r['name']}: federated (noised)")
             else:  # centralized: one final number, drawn as a reference line
                 ax.axhline(r[metric], linestyle="--" if r["dp"] else "-", color="grey" if r["dp"] else "black",
                            label=r["name"])

@@ -7,7 +7,9 @@ and 8 per site (delta 1e-5); 2,000 training rows per site (10,000 in --full). In
 on the union of the same rows: centralized non-private LoRA and centralized DP at each epsilon,
 each with its own hyperparameters (fedtune's "auto" batch and learning rate). Reports accuracy,
 macro-F1, epsilon per site, wall time, a plot of accuracy per round per split and one of
-accuracy against epsilon. Targets: see TARGET_POINTS.
+accuracy against epsilon. Targets: see TARGET_POINTS. The runs in ``Grid.fed_eval`` are repeated
+with federated evaluation (each site holds out 20% and answers with noised sums): their last
+round's federated accuracy is reported next to the central one, with the noise's own spread.
 
     python -m simulations.benchmarks.utility [--size tiny|default|full]
 
@@ -58,15 +60,28 @@ class Grid:
     eval_rows: dict                             # data file -> rows sampled (0: the whole file)
     rounds: int
     local_epochs: int
+    # Runs repeated with federated evaluation: each site holds out FED_EVAL_FRACTION of its rows
+    # and answers every round with its noised sums (fedtune/privacy/release.py), reported next to
+    # the central accuracy of the same run. The main runs keep every row for training.
+    fed_eval: tuple = ()
+
+
+FED_EVAL_FRACTION = 0.2
+FED_EVAL = ("federated evaluation", (f"federation.site_test_fraction={FED_EVAL_FRACTION}",
+                                     "federation.fraction_evaluate=1.0"))
 
 
 def grid(size: str) -> Grid:
     if size == "tiny":
-        return Grid([("sst2", 8.0)], sites=3, rows_per_site=40, eval_rows={"sst2": 60}, rounds=2, local_epochs=1)
+        return Grid([("sst2", 8.0)], sites=3, rows_per_site=40, eval_rows={"sst2": 60}, rounds=2, local_epochs=1,
+                    fed_eval=(("sst2", 8.0),))
     runs = [(d, e) for d in DATASETS for e in EPSILONS]
+    fed_eval = (("sst2", 8.0), ("agnews-dirichlet", 8.0))
     if size == "default":  # 4 sites x 2,000 rows: 2 h 20 min on 2 cores (RESULTS.md section 5)
-        return Grid(runs, SITES, rows_per_site=2000, eval_rows={"sst2": 0, "agnews": 2000}, rounds=3, local_epochs=1)
-    return Grid(runs, SITES, rows_per_site=10000, eval_rows={"sst2": 0, "agnews": 0}, rounds=3, local_epochs=1)
+        return Grid(runs, SITES, rows_per_site=2000, eval_rows={"sst2": 0, "agnews": 2000}, rounds=3, local_epochs=1,
+                    fed_eval=fed_eval)
+    return Grid(runs, SITES, rows_per_site=10000, eval_rows={"sst2": 0, "agnews": 0}, rounds=3, local_epochs=1,
+                fed_eval=fed_eval)
 
 
 def _read(path: Path):
@@ -109,14 +124,36 @@ def federated(model, dataset, sites, epsilon, train, evaluation, g: Grid, work: 
     out = work / name.replace(" ", "-")
     records = federated_run(config(model, sets), out)
     privacy = json.loads((out / "privacy.json").read_text())
-    return {"name": name, "kind": "federated", "dataset": dataset, "sites": sites, "epsilon_target": epsilon,
-            "variant": variant, "overrides": list(extra),
-            "rows": sites * g.rows_per_site, "epsilon_per_site": {k: v["epsilon"] for k, v in privacy["sites"].items()},
-            "rounds": [{"round": r["round"], "accuracy": r["central"]["accuracy"], "f1": r["central"]["f1"]}
-                       for r in records],
-            "epsilon_spent": max(s["epsilon"] for s in privacy["sites"].values()),
-            "accuracy": records[-1]["central"]["accuracy"], "f1": records[-1]["central"]["f1"],
-            "seconds": sum(r["seconds"] for r in records)}
+    result = {"name": name, "kind": "federated", "dataset": dataset, "sites": sites, "epsilon_target": epsilon,
+              "variant": variant, "overrides": list(extra),
+              "rows": sites * g.rows_per_site, "epsilon_per_site": {k: v["epsilon"] for k, v in privacy["sites"].items()},
+              "rounds": [{"round": r["round"], "accuracy": r["central"]["accuracy"], "f1": r["central"]["f1"],
+                          "federated_accuracy": (r.get("federated") or {}).get("accuracy")} for r in records],
+              "epsilon_spent": max(s["epsilon"] for s in privacy["sites"].values()),
+              "accuracy": records[-1]["central"]["accuracy"], "f1": records[-1]["central"]["f1"],
+              "seconds": sum(r["seconds"] for r in records)}
+    if records[-1].get("federated"):
+        result.update(federated_evaluation(records[-1], out))
+    return result
+
+
+def federated_evaluation(record: dict, out: Path) -> dict:
+    """The last round's federated accuracy (the sites' noised sums) against the central one, the
+    test rows behind it, and how much the noise alone moves it: the standard deviation of the
+    noised correct count over the noised row count, from the noise the sites recorded."""
+    import math
+
+    from fedtune.privacy.ledger import PrivacyLedger
+    from fedtune.privacy.release import noise_std
+
+    answers = [e for path in sorted((out / "sites").glob("*/privacy-ledger.jsonl"))
+               for e in PrivacyLedger(path).entries() if e.is_evaluation and e.round == record["round"]]
+    fed, rows = record["federated"], record["federated"]["examples"]
+    spread = math.sqrt(sum(noise_std("sequence-classification", e.noise_multiplier)["correct"] ** 2 for e in answers))
+    return {"federated_accuracy": fed["accuracy"], "federated_test_rows": rows,
+            "federated_minus_central_points": 100 * (fed["accuracy"] - record["central"]["accuracy"]),
+            "federated_noise_points": 100 * spread / rows, "federated_answers": len(answers),
+            "evaluation_noise_multiplier": answers[0].noise_multiplier if answers else None}
 
 
 def centralized(model, dataset, sites, epsilon, train, evaluation, g: Grid, work: Path) -> dict:
@@ -151,7 +188,7 @@ def _table(results: list[dict]) -> str:
         r["points_below_centralized_non_private"] = gap
         r["meets_target"] = None
         if r["kind"] == "federated":
-            target = TARGET_POINTS.get(r["epsilon_target"], {}).get(r["dataset"])
+            target = None if r.get("variant") else TARGET_POINTS.get(r["epsilon_target"], {}).get(r["dataset"])
             r["meets_target"] = gap <= target if target is not None else None
             dp_ref = next((c for c in results if c["kind"] == "centralized" and c["dp"] and c["dataset"] == _file(r)
                            and c["epsilon_target"] == r["epsilon_target"]), None)
@@ -162,6 +199,17 @@ def _table(results: list[dict]) -> str:
                      r.get("points_below_centralized_dp"), r["meets_target"], r["seconds"]])
     return table(["run", "train rows", "accuracy", "macro-F1", "epsilon (per site)", "points below central non-DP",
                   "points below central DP", "target met", "seconds"], rows)
+
+
+def _fed_eval_table(results: list[dict]) -> str:
+    """Federated evaluation (the sites' noised answers) next to the central accuracy of the same run."""
+    rows = [[r["name"], r["accuracy"], r["federated_accuracy"], r["federated_minus_central_points"],
+             r["federated_noise_points"], r["federated_test_rows"], r["federated_answers"],
+             r["evaluation_noise_multiplier"]]
+            for r in results if r.get("federated_accuracy") is not None]
+    return "Federated evaluation (last round):\n" + table(
+        ["run", "central accuracy", "federated accuracy (noised)", "federated - central (points)",
+         "noise sd (points)", "test rows (noised)", "site answers", "noise multiplier z"], rows)
 
 
 def run(size: str = "default", out_dir: Path | None = None, workdir: Path | None = None) -> dict:
@@ -188,7 +236,10 @@ def run(size: str = "default", out_dir: Path | None = None, workdir: Path | None
                     results.append(centralized(model, dataset, g.sites, epsilon, train, evaluation, g, work))
             for epsilon in epsilons:
                 results.append(federated(model, dataset, g.sites, epsilon, train, evaluation, g, work))
-    text = _table(results)
+                if (dataset, epsilon) in g.fed_eval:
+                    results.append(federated(model, dataset, g.sites, epsilon, train, evaluation, g, work,
+                                             variant=FED_EVAL[0], extra=FED_EVAL[1]))
+    text = _table(results) + "\n\n" + _fed_eval_table(results)
     plots = [plot_utility(results, d, out_dir / f"utility-{size}-{d}.png").name
              for d in dict.fromkeys(r["dataset"] for r in results if r["kind"] == "federated")]
     plots.append(plot_accuracy_vs_epsilon(results, out_dir / f"utility-{size}-epsilon.png").name)
