@@ -77,8 +77,9 @@ def test_a_site_at_its_limit_refuses_and_the_run_goes_on(tiny_models, four_sites
     out = tmp_path / "run"
     assert simulate(cfg, out, cpus=2) == "completed"
     assert _ledger(state, "site-3").entries() == []  # never trained
-    for site in ("site-0", "site-1", "site-2"):
-        assert [e.round for e in _ledger(state, site).entries()] == [1, 2]
+    for site in ("site-0", "site-1", "site-2"):  # each round trained, then its evaluation answered (noised)
+        assert [(e.round, e.kind) for e in _ledger(state, site).entries()] == [
+            (1, None), (1, "evaluate"), (2, None), (2, "evaluate")]
     privacy = json.loads((out / "privacy.json").read_text())
     assert "site-3" in privacy["refused"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -64,6 +64,8 @@ class Grid:
     # and answers every round with its noised sums (fedtune/privacy/release.py), reported next to
     # the central accuracy of the same run. The main runs keep every row for training.
     fed_eval: tuple = ()
+    # Tiny mode (CI): the federated run itself evaluates federatedly, instead of a second run.
+    fed_eval_only: bool = False
 
 
 FED_EVAL_FRACTION = 0.2
@@ -74,7 +76,7 @@ FED_EVAL = ("federated evaluation", (f"federation.site_test_fraction={FED_EVAL_F
 def grid(size: str) -> Grid:
     if size == "tiny":
         return Grid([("sst2", 8.0)], sites=3, rows_per_site=40, eval_rows={"sst2": 60}, rounds=2, local_epochs=1,
-                    fed_eval=(("sst2", 8.0),))
+                    fed_eval=(("sst2", 8.0),), fed_eval_only=True)
     runs = [(d, e) for d in DATASETS for e in EPSILONS]
     fed_eval = (("sst2", 8.0), ("agnews-dirichlet", 8.0))
     if size == "default":  # 4 sites x 2,000 rows: 2 h 20 min on 2 cores (RESULTS.md section 5)
@@ -235,7 +237,8 @@ def run(size: str = "default", out_dir: Path | None = None, workdir: Path | None
                     done_central.add((file, epsilon))
                     results.append(centralized(model, dataset, g.sites, epsilon, train, evaluation, g, work))
             for epsilon in epsilons:
-                results.append(federated(model, dataset, g.sites, epsilon, train, evaluation, g, work))
+                if not (g.fed_eval_only and (dataset, epsilon) in g.fed_eval):
+                    results.append(federated(model, dataset, g.sites, epsilon, train, evaluation, g, work))
                 if (dataset, epsilon) in g.fed_eval:
                     results.append(federated(model, dataset, g.sites, epsilon, train, evaluation, g, work,
                                              variant=FED_EVAL[0], extra=FED_EVAL[1]))
