@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from typing import Callable
 
 import numpy as np
@@ -24,14 +25,21 @@ def evaluate(
     precision: str = "fp32",
     batch_size: int = 64,
 ) -> dict[str, float]:
-    model = unwrap(model)
-    was_training = model.training
-    model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
-    try:
+    with _in_eval_mode(model) as model:
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
         if task == "sequence-classification":
             return _classification(model, loader, device, precision)
         return _causal_lm(model, loader, device, precision)
+
+
+@contextmanager
+def _in_eval_mode(model: torch.nn.Module):
+    """The unwrapped model in eval mode; its training mode restored afterwards."""
+    model = unwrap(model)
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
     finally:
         model.train(was_training)
 
@@ -88,12 +96,9 @@ def row_values(
 ) -> dict[str, np.ndarray]:
     """Per test row: ``correct`` (0/1, classification) or ``loss`` (the row's mean token loss,
     generation): what a site's private evaluation answer sums (fedtune/privacy/release.py)."""
-    model = unwrap(model)
-    was_training = model.training
-    model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
     out: list[np.ndarray] = []
-    try:
+    with _in_eval_mode(model) as model:
         for input_ids, attention_mask, labels in loader:
             with autocast(precision, device):
                 logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
@@ -106,7 +111,5 @@ def row_values(
                                                     reduction="none")
             tokens = (target != IGNORE_INDEX).sum(dim=1).clamp(min=1)
             out.append((nll.sum(dim=1) / tokens).numpy())
-    finally:
-        model.train(was_training)
     values = np.concatenate(out) if out else np.zeros(0)
     return {"correct" if task == "sequence-classification" else "loss": values}

@@ -46,14 +46,14 @@ def bounds(task: str) -> dict[str, float]:
     return {"examples": 1.0, "correct": 1.0} if task == CLASSIFICATION else {"examples": 1.0, "loss_sum": LOSS_BOUND}
 
 
-def exact_sums(task: str, correct: Optional[np.ndarray] = None, row_loss: Optional[np.ndarray] = None,
-               rows: Optional[int] = None) -> EvaluationSums:
+def exact_sums(task: str, correct: Optional[np.ndarray] = None, row_loss: Optional[np.ndarray] = None
+               ) -> EvaluationSums:
     """The un-noised sums from per-row values (never sent)."""
     if task == CLASSIFICATION:
         correct = np.asarray(correct, dtype=float)
         return EvaluationSums(examples=float(len(correct)), correct=float(np.clip(correct, 0, 1).sum()))
     row_loss = np.asarray(row_loss, dtype=float)
-    return EvaluationSums(examples=float(len(row_loss) if rows is None else rows),
+    return EvaluationSums(examples=float(len(row_loss)),
                           loss_sum=float(np.clip(row_loss, 0.0, LOSS_BOUND).sum()))
 
 
