@@ -15,6 +15,7 @@ from typing import Optional
 import pandas as pd
 import torch
 
+from fedtune.audit.canaries import join_canaries
 from fedtune.config import FedTuneConfig
 from fedtune.data import LabelMap, SiteData, pad_collate
 from fedtune.data.cleaning import CleaningReport, clean_rows
@@ -110,10 +111,21 @@ def site_training_rows(cfg: FedTuneConfig, settings: SiteSettings, config_toml: 
     unit and keyed-hash split, exactly as training draws them): for the pre-flight's coarse
     SecAgg+ bucket, never sent as a number."""
     rows, source, _ = _site_rows(cfg, settings, config_toml, state_folder)
-    train, _ = split_rows(rows, data_columns(cfg.data, cfg.model.task),
-                          site_test_fraction(settings, cfg.federation.site_test_fraction),
-                          membership_key(settings, cfg.train.seed, state_folder), source)
+    train, _ = _split(cfg, settings, rows, source, state_folder)
     return len(train)
+
+
+def _split(cfg: FedTuneConfig, settings: SiteSettings, rows: pd.DataFrame, source: str,
+           state_folder: Optional[Path]) -> tuple[pd.DataFrame, Optional[pd.DataFrame]]:
+    """Training and test rows: the site's own split by keyed hash (fedtune/data/membership.py):
+    no other row moves when one is added or removed, and for a deployed site nothing the
+    coordinator sends moves it. An audit's canaries (fedtune/audit/canaries.py; simulated sites
+    only) join the training rows here, after the site's own selection, so that they are sampled,
+    bucketed for SecAgg+ and accounted as its rows."""
+    cols = data_columns(cfg.data, cfg.model.task)
+    train, test = split_rows(rows, cols, site_test_fraction(settings, cfg.federation.site_test_fraction),
+                             membership_key(settings, cfg.train.seed, state_folder), source)
+    return join_canaries(train, cols, settings.site_id, settings.simulated), test
 
 
 def _site_rows(cfg: FedTuneConfig, settings: SiteSettings, config_toml: str,
@@ -177,10 +189,7 @@ def _build(config_toml: str, settings: SiteSettings, state_folder: Optional[Path
         settings.data_path if not settings.simulated else ["\t".join(r) for r in rows[cols].itertuples(index=False)]
     )
     label_map = LabelMap(cfg.data.labels) if cfg.data.labels else None
-    # The site's own split by keyed hash (fedtune/data/membership.py): no other row moves when one
-    # is added or removed, and for a deployed site nothing the coordinator sends moves it.
-    rows, test = split_rows(rows, cols, site_test_fraction(settings, cfg.federation.site_test_fraction),
-                            membership_key(settings, cfg.train.seed, state_folder), source)
+    rows, test = _split(cfg, settings, rows, source, state_folder)
     mk = lambda df: encode_rows(df, cols, cfg.model.task, tokenizer, cfg.model.max_length, label_map, source)  # noqa: E731
     data = SiteData(
         train=mk(rows),

@@ -46,6 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_verbose(p)
     p.set_defaults(func=_cmd_simulate)
 
+    p = sub.add_parser("audit", help="measure a lower bound on a site's epsilon in one simulated run with canaries "
+                       "(exits 1 if it exceeds the accountant's epsilon)")
+    _add_config_args(p)
+    p.add_argument("--out", type=Path, required=True, help="audit folder (audit.json, audit.md, the run in run/)")
+    p.add_argument("--canaries", type=int, default=1000, metavar="M",
+                   help="canary rows, each trained on with probability 1/2 (default 1000)")
+    p.add_argument("--site", default=None, help="the simulated site that holds the canaries (default site-0)")
+    add_verbose(p)
+    p.set_defaults(func=_cmd_audit)
+
     p = sub.add_parser("privacy", help="privacy tools: `privacy plan` shows what a planned run costs each site")
     privacy_sub = p.add_subparsers(dest="privacy_command", metavar="PRIVACY_COMMAND", required=True)
     pp = privacy_sub.add_parser("plan", help="noise multiplier and epsilon per site for the planned run")
@@ -110,7 +120,8 @@ def _load(args):
     from fedtune.config import load_config
 
     overrides = list(args.overrides)
-    if args.config is None and not any(o.strip().startswith(("data.train", "data.builtin", "federation.site_files")) for o in overrides):
+    keys = {o.split("=", 1)[0].strip() for o in overrides}
+    if args.config is None and not keys & {"data.train", "data.builtin", "federation.site_files"}:
         overrides.insert(0, "data.builtin=demo")  # no config file: the built-in demo, asked for here
     return load_config(args.config, overrides)
 
@@ -152,6 +163,17 @@ def _cmd_simulate(args) -> int:
             ended = simulate(cfg, args.out, verbose=args.verbose)
     print_outcome(args.out, ended, "simulate")
     return 3 if ended == "interrupted" else 4 if ended.startswith("stopped") else 0
+
+
+def _cmd_audit(args) -> int:
+    from fedtune.audit.run import run_audit, verdict
+
+    result = run_audit(_load(args), args.out, args.canaries, args.site, verbose=args.verbose)
+    print(f"\naudit of {result.site}: {result.correct} of {result.guesses} guesses right on {result.canaries} "
+          f"canaries -> epsilon >= {result.epsilon_lower_bound:.2f} at {result.confidence:.0%} confidence")
+    print(verdict(result))
+    print(f"report: {args.out / 'audit.md'}")
+    return 1 if result.violated else 0
 
 
 def _cmd_privacy_plan(args) -> int:

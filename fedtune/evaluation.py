@@ -94,22 +94,28 @@ def row_values(
     precision: str = "fp32",
     batch_size: int = 64,
 ) -> dict[str, np.ndarray]:
-    """Per test row: ``correct`` (0/1, classification) or ``loss`` (the row's mean token loss,
-    generation): what a site's private evaluation answer sums (fedtune/privacy/release.py)."""
+    """Per row: ``loss`` (cross-entropy; for generation the row's mean token loss) and, for
+    classification, ``correct`` (0/1). A site's private evaluation answer sums ``correct``
+    (classification) or ``loss`` (generation) (fedtune/privacy/release.py); an audit scores its
+    canaries by ``loss``."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
-    out: list[np.ndarray] = []
+    out: list[np.ndarray] = []      # per-row loss
+    correct: list[np.ndarray] = []  # classification: per-row 0/1
     with _in_eval_mode(model) as model:
         for input_ids, attention_mask, labels in loader:
             with autocast(precision, device):
                 logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
             logits = logits.float().cpu()
             if task == "sequence-classification":
-                out.append((logits.argmax(dim=-1) == labels).numpy().astype(float))
+                correct.append((logits.argmax(dim=-1) == labels).numpy().astype(float))
+                out.append(torch.nn.functional.cross_entropy(logits, labels, reduction="none").numpy())
                 continue
             logits, target = logits[:, :-1, :], labels[:, 1:]
             nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE_INDEX,
                                                     reduction="none")
             tokens = (target != IGNORE_INDEX).sum(dim=1).clamp(min=1)
             out.append((nll.sum(dim=1) / tokens).numpy())
-    values = np.concatenate(out) if out else np.zeros(0)
-    return {"correct" if task == "sequence-classification" else "loss": values}
+    values = {"loss": np.concatenate(out) if out else np.zeros(0)}
+    if task == "sequence-classification":
+        values["correct"] = np.concatenate(correct) if correct else np.zeros(0)
+    return values

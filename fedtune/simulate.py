@@ -22,6 +22,7 @@ def simulate(
     cpus: Optional[int] = None,
     resume_overrides: Optional[list[str]] = None,
     verbose: bool = False,
+    site_env: Optional[dict[str, str]] = None,
 ) -> str:
     """Validate (before any round), then run the rounds; returns how the run ended.
 
@@ -52,7 +53,7 @@ def simulate(
     cpus = cpus or os.cpu_count() or 2
     # Flower adds the working directory to PYTHONPATH on each call; keep it from growing.
     pythonpath = os.environ.get("PYTHONPATH")
-    started_ray = _start_ray(cpus, Path(out_dir) / "logs" / "sites.log", verbose)
+    started_ray = _start_ray(cpus, Path(out_dir) / "logs" / "sites.log", verbose, site_env or {})
     try:
         run_simulation(
             server_app=server_app,
@@ -78,7 +79,7 @@ def simulate(
     return outcome["ended"]
 
 
-def _start_ray(cpus: int, site_log: Path, verbose: bool) -> bool:
+def _start_ray(cpus: int, site_log: Path, verbose: bool, site_env: dict[str, str]) -> bool:
     """Start Ray before Flower does (Flower then uses it), so that each site worker runs
     ``fedtune.run_logs.worker_setup`` first: its logs and warnings go to ``site_log``, and its
     output reaches this console only with ``verbose``. Returns whether Ray was started here."""
@@ -87,6 +88,9 @@ def _start_ray(cpus: int, site_log: Path, verbose: bool) -> bool:
     from fedtune.run_logs import WORKER_LOG_ENV, WORKER_VERBOSE_ENV
 
     if ray.is_initialized():
+        if site_env:  # the running Ray's workers would never see them (an audit without its canaries)
+            raise RuntimeError("Ray is already running in this process: its site workers cannot get "
+                               f"{', '.join(site_env)}; run this in a fresh process")
         return False
     site_log.parent.mkdir(parents=True, exist_ok=True)
     # What Flower's own Ray start passes: the workers import the ClientApp from this sys.path.
@@ -96,7 +100,7 @@ def _start_ray(cpus: int, site_log: Path, verbose: bool) -> bool:
         num_cpus=cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=verbose,
         runtime_env={
             "env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"], WORKER_LOG_ENV: str(site_log.resolve()),
-                         WORKER_VERBOSE_ENV: "1" if verbose else "0"},
+                         WORKER_VERBOSE_ENV: "1" if verbose else "0", **site_env},
             "worker_process_setup_hook": "fedtune.run_logs.worker_setup",
         },
     )

@@ -51,14 +51,15 @@ def _seeded() -> None:
     torch.manual_seed(0)
 
 
-def make_tiny_bert(folder: Path) -> Path:
+def make_tiny_bert(folder: Path, hidden_size: int = 32) -> Path:
+    """``hidden_size`` above 32: room to memorise (the privacy audit's canaries without DP)."""
     _seeded()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = _bert_tokenizer()
     config = BertConfig(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0,
+        vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=2 * hidden_size, max_position_embeddings=128, hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
         # Wider than BERT's 0.02 so that a random model's features differ between inputs
         # enough for DP training to find the signal in a few steps.

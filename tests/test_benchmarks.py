@@ -9,7 +9,7 @@ import psutil
 import pytest
 
 from simulations.benchmarks import (
-    ablation, deploy_load, deploy_vs_sim, run_all, scale, secagg_cost, step_time, traffic, utility)
+    ablation, audit, deploy_load, deploy_vs_sim, run_all, scale, secagg_cost, step_time, traffic, utility)
 from simulations.benchmarks.common import SHARED_DATA, table
 from simulations.benchmarks.memory import PeakMemory
 
@@ -198,6 +198,37 @@ def test_ablation_reuses_the_utility_benchmarks_run_of_the_defaults(tmp_path, mo
     trained.clear()
     ablation.run("tiny", tmp_path)
     assert trained == ["defaults", ablation.VARIANTS[1][0]]
+
+
+@pytest.mark.slow
+def test_audit_sees_training_without_dp_and_stays_below_epsilon_1(tmp_path):
+    """`fedtune audit`'s whole path, twice, on a tiny model: without DP (the sites' own switch) the
+    canaries' bound is at least 1; at epsilon 1 it stays at or below 1, and the epsilon reported is
+    the one the audited site's ledger gives."""
+    from fedtune.privacy.composition import compose
+    from fedtune.privacy.ledger import PrivacyLedger
+
+    audit.run("tiny", tmp_path / "results", workdir=tmp_path)
+    data = _saved(tmp_path / "results", "audit")
+    no_dp, eps1 = data["results"]
+    assert no_dp["epsilon"] is None and no_dp["epsilon_lower_bound"] >= 1, no_dp
+    assert eps1["epsilon_lower_bound"] <= 1 and not eps1["violated"], eps1
+    # The accountant's epsilon, recomputed here from site-0's ledger file.
+    entries = [e for e in PrivacyLedger(tmp_path / "epsilon-1" / "run" / "sites" / "site-0" /
+                                        "privacy-ledger.jsonl").entries() if not e.is_evaluation]
+    assert len(entries) == 5 and eps1["epsilon"] == pytest.approx(compose(entries, 1e-5), rel=1e-9)
+    assert 0.5 < eps1["epsilon"] <= 1.0
+    for point in ("no-DP", "epsilon-1"):
+        folder = tmp_path / point
+        saved = json.loads((folder / "audit.json").read_text())
+        assert set(saved) >= {"epsilon", "epsilon_lower_bound", "delta", "canaries", "guesses", "correct",
+                              "confidence"}
+        assert saved["canaries"] == 200 and saved["confidence"] == 0.99
+        assert (folder / "audit-scores.png").stat().st_size > 0 and "audit-scores.png" in (folder / "audit.md").read_text()
+    assert (tmp_path / "results" / data["plot"]).stat().st_size > 0
+    # The canaries were trained on as site-0's rows: its sample rate counts them.
+    log = (tmp_path / "epsilon-1" / "run" / "logs" / "sites.log").read_text()
+    assert "audit canaries join" in log
 
 
 def test_utility_skips_with_a_reason_without_the_data(tmp_path, monkeypatch):
