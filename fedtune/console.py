@@ -65,9 +65,10 @@ def format_round(record: dict, rounds: int) -> str:
 class RoundProgress:
     """A tqdm bar over rounds, with each round's line printed above it."""
 
-    def __init__(self, rounds: int, offset: int = 0, stream: TextIO = sys.stdout):
+    def __init__(self, rounds: int, offset: int = 0, stream: Optional[TextIO] = None):
         from tqdm import tqdm
 
+        stream = stream if stream is not None else sys.stdout  # the stdout at the call, not at import
         self.rounds, self.stream = rounds, stream
         self.bar = tqdm(total=rounds, initial=offset, unit="round", desc="rounds", file=stream,
                         dynamic_ncols=True, leave=False, bar_format="{desc} {n_fmt}/{total_fmt} |{bar}| "
@@ -141,8 +142,8 @@ class MetricsFollower(BackgroundPoller):
 class RunView:
     """Header, progress bar and per-round lines for one run, fed from its metrics.jsonl."""
 
-    def __init__(self, cfg: FedTuneConfig, out_dir: Path, what: str, stream: TextIO = sys.stdout):
-        self.cfg, self.out_dir, self.stream = cfg, Path(out_dir), stream
+    def __init__(self, cfg: FedTuneConfig, out_dir: Path, what: str, stream: Optional[TextIO] = None):
+        self.cfg, self.out_dir, self.stream = cfg, Path(out_dir), stream if stream is not None else sys.stdout
         self.what = what
         self.progress: Optional[RoundProgress] = None
         self.follower: Optional[MetricsFollower] = None
@@ -166,8 +167,9 @@ class RunView:
         time.sleep(0)  # let tqdm clear its line before the summary is printed
 
 
-def print_outcome(out_dir: Path, ended: str, what: str, stream: TextIO = sys.stdout) -> None:
+def print_outcome(out_dir: Path, ended: str, what: str, stream: Optional[TextIO] = None) -> None:
     """The summary table and where the results are."""
+    stream = stream if stream is not None else sys.stdout
     from fedtune.federation.summary import format_summary
     from fedtune.server.coordinator import read_records
 

@@ -14,7 +14,7 @@ import pytest
 from fedtune.audit import bounds
 from fedtune.audit.canaries import (CANARY_ENV, inclusion_bits, join_canaries, make_canaries, vocabulary_words,
                                     write_included)
-from fedtune.audit.run import AuditResult, best_guesses, verdict
+from fedtune.audit.run import AuditResult, best_guesses, check_canaries_joined, verdict
 from fedtune.cli import main
 from fedtune.data.cleaning import ROW
 from fedtune.model import load_tokenizer
@@ -55,7 +55,7 @@ def test_fdp_bound_is_tighter_with_many_guesses_and_valid_on_a_gaussian_mechanis
     true_eps = 4.0
     mu = bounds.gaussian_mu(true_eps, 1e-5)
     found = []
-    for _ in range(8):
+    for _ in range(5):
         included = rng.random(1000) < 0.5
         scores = mu * included + rng.normal(size=1000)
         found.append(best_guesses(scores, included, 1e-5, 0.99).bounds["epsilon_lower_bound"])
@@ -140,3 +140,14 @@ def test_the_command_checks_its_arguments_before_any_training(tmp_path, capsys):
     assert main(["audit", "--out", str(tmp_path / "b"), "--site", "site-9"]) == 2
     assert "--site site-9" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_an_audit_whose_site_never_joined_its_canaries_fails_instead_of_passing(tmp_path):
+    log = tmp_path / "sites.log"
+    log.write_text("site-0: 48 audit canaries join its 30 training rows\n")
+    check_canaries_joined(log, "site-0", 48)
+    with pytest.raises(RuntimeError, match="nothing was audited"):
+        check_canaries_joined(log, "site-0", 47)
+    with pytest.raises(RuntimeError, match="nothing was audited"):
+        check_canaries_joined(tmp_path / "absent.log", "site-0", 48)
+

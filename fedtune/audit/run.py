@@ -116,6 +116,16 @@ def canary_scores(cfg: FedTuneConfig, run_dir: Path, canaries: pd.DataFrame, col
     return fell
 
 
+def check_canaries_joined(site_log: Path, site: str, included: int) -> None:
+    """Raises unless the audited site said it trained with the included canaries: a run that
+    never saw them would yield a bound near 0 that reads like a clean bill of health."""
+    said = f"{site}: {included} audit canaries join"
+    text = site_log.read_text(encoding="utf-8", errors="replace") if site_log.is_file() else ""
+    if said not in text:
+        raise RuntimeError(f"{site} never joined the {included} included canaries to its rows (no "
+                           f"'{said}' in {site_log}): nothing was audited")
+
+
 def ledger_epsilon(run_dir: Path, site: str, delta: float) -> tuple[Optional[float], int]:
     """The audited site's training epsilon for this run, recomputed from its ledger file by the
     accountant (None without DP), and how many training entries it holds."""
@@ -173,6 +183,7 @@ def run_audit(cfg: FedTuneConfig, out: Path, canaries: int = 1000, site: Optiona
             ended = simulate(cfg, run_dir, verbose=verbose, site_env={CANARY_ENV: str(handed)})
     if ended != "completed":
         raise RuntimeError(f"the audited run {ended}; see {run_dir / 'logs'}")
+    check_canaries_joined(run_dir / "logs" / "sites.log", name, int(included.sum()))
 
     scores = canary_scores(cfg, run_dir, canary_rows, rows.columns, rows.label_map)
     delta = cfg.privacy.target_delta
