@@ -126,9 +126,9 @@ def check_canaries_joined(site_log: Path, site: str, included: int) -> None:
                            f"'{said}' in {site_log}): nothing was audited")
 
 
-def ledger_epsilon(run_dir: Path, site: str, delta: float) -> tuple[Optional[float], int]:
+def ledger_epsilon(run_dir: Path, site: str, delta: float) -> Optional[float]:
     """The audited site's training epsilon for this run, recomputed from its ledger file by the
-    accountant (None without DP), and how many training entries it holds."""
+    accountant (None without DP)."""
     from fedtune.privacy.composition import compose
     from fedtune.privacy.ledger import PrivacyLedger
 
@@ -137,7 +137,7 @@ def ledger_epsilon(run_dir: Path, site: str, delta: float) -> tuple[Optional[flo
     if not entries:
         raise RuntimeError(f"{site} recorded no training in its ledger: nothing was audited")
     eps = compose(entries, delta)
-    return (None if math.isinf(eps) else eps), len(entries)
+    return None if math.isinf(eps) else eps
 
 
 def run_audit(cfg: FedTuneConfig, out: Path, canaries: int = 1000, site: Optional[str] = None,
@@ -187,7 +187,7 @@ def run_audit(cfg: FedTuneConfig, out: Path, canaries: int = 1000, site: Optiona
 
     scores = canary_scores(cfg, run_dir, canary_rows, rows.columns, rows.label_map)
     delta = cfg.privacy.target_delta
-    epsilon, _ = ledger_epsilon(run_dir, name, delta)
+    epsilon = ledger_epsilon(run_dir, name, delta)
     found = best_guesses(scores, included, delta, confidence)
     bound = found.bounds["epsilon_lower_bound"]
     result = AuditResult(
