@@ -204,6 +204,15 @@ def run_audit(cfg: FedTuneConfig, out: Path, canaries: int = 1000, site: Optiona
     return result
 
 
+def draw_scores(ax, scores: np.ndarray, included: np.ndarray) -> None:
+    """Histograms of the included and the excluded canaries' scores on one axis."""
+    scores, included = np.asarray(scores), np.asarray(included, dtype=bool)
+    bins = np.histogram_bin_edges(scores, bins=30)
+    ax.hist(scores[included], bins=bins, alpha=0.6, label=f"included ({int(included.sum())})")
+    ax.hist(scores[~included], bins=bins, alpha=0.6, label=f"excluded ({int((~included).sum())})")
+    ax.grid(alpha=0.3)
+
+
 def plot_scores(scores: np.ndarray, included: np.ndarray, path: Path, result: AuditResult) -> None:
     import matplotlib
 
@@ -211,15 +220,12 @@ def plot_scores(scores: np.ndarray, included: np.ndarray, path: Path, result: Au
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    bins = np.histogram_bin_edges(scores, bins=30)
-    ax.hist(scores[included], bins=bins, alpha=0.6, label=f"included ({int(included.sum())})")
-    ax.hist(scores[~included], bins=bins, alpha=0.6, label=f"excluded ({int((~included).sum())})")
+    draw_scores(ax, scores, included)
     ax.set_xlabel("score: canary loss before training minus after (higher: more likely trained on)")
     ax.set_ylabel("canaries")
     eps = "no DP" if result.epsilon is None else f"accountant epsilon {result.epsilon:.2f}"
     ax.set_title(f"{result.site}: lower bound {result.epsilon_lower_bound:.2f} ({eps})")
     ax.legend()
-    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

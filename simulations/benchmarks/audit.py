@@ -73,18 +73,16 @@ def plot(folders: dict[str, Path], results: list[dict], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
     import pandas as pd
+
+    from fedtune.audit.run import draw_scores
 
     fig, axes = plt.subplots(1, len(folders), figsize=(4 * len(folders), 3.4), squeeze=False)
     for ax, (name, folder), res in zip(axes[0], folders.items(), results):
         d = pd.read_csv(folder / "canaries.csv")
-        bins = np.histogram_bin_edges(d["score"], bins=30)
-        ax.hist(d.loc[d["included"], "score"], bins=bins, alpha=0.6, label="included")
-        ax.hist(d.loc[~d["included"], "score"], bins=bins, alpha=0.6, label="excluded")
+        draw_scores(ax, d["score"].to_numpy(), d["included"].to_numpy())
         ax.set_title(f"{name}: bound {res['epsilon_lower_bound']:.2f}, AUC {res['auc']:.2f}", fontsize=9)
         ax.set_xlabel("loss decrease (centred per label)")
-        ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("canaries")
     axes[0][0].legend()
     fig.tight_layout()
