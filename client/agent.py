@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from flwr.client import NumPyClient
 
-from fedtune.adapters import get_adapter_arrays, set_adapter_arrays, trainable_parameters
+from fedtune.adapters import (AdapterMismatchError, get_adapter_arrays, pack, set_adapter_arrays,
+                              trainable_parameters, unpack)
 from fedtune.evaluation import row_values
 from fedtune.federation.messages import RoundInstructions, SiteEvalReport, SiteReport
 from fedtune.privacy.accounting import AccountantHistory
@@ -43,10 +44,12 @@ class SiteClient(NumPyClient):
 
     def _runtime(self, instr: RoundInstructions, parameters: list[np.ndarray]) -> SiteRuntime:
         site = site_runtime(instr.config, self.settings, state_dir(self.settings, instr.site_state_root))
-        names = list(trainable_parameters(site.model))
-        if len(names) != len(parameters):
-            raise ValueError(f"{self.settings.site_id}: got {len(parameters)} arrays, the adapter has {len(names)}")
-        set_adapter_arrays(site.model, dict(zip(names, parameters)))
+        params = trainable_parameters(site.model)
+        try:
+            arrays = unpack(parameters, [tuple(p.shape) for p in params.values()])
+        except AdapterMismatchError as err:
+            raise AdapterMismatchError(f"{self.settings.site_id}: {err}") from None
+        set_adapter_arrays(site.model, dict(zip(params, arrays)))
         return site
 
     def state_folder(self, config) -> Path | None:
@@ -111,7 +114,7 @@ class SiteClient(NumPyClient):
         )
         if instr.max_weight:  # SecAgg+ quantises to 2**30 levels: float32 would round away 6 bits
             arrays = [a.astype(np.float64) for a in arrays]
-        return arrays, site.num_train, report.to_record()
+        return pack(arrays), site.num_train, report.to_record()
 
     def _train(self, site: SiteRuntime, instr: RoundInstructions, budget: SiteBudget, folder, steps: int):
         cfg = site.cfg

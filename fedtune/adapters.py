@@ -70,5 +70,30 @@ def list_to_arrays(names: list[str], values: list[np.ndarray]) -> "OrderedDict[s
     return OrderedDict(zip(names, values))
 
 
+def pack(arrays: "list[np.ndarray]") -> "list[np.ndarray]":
+    """The adapter as it travels in a Flower message: one flat array, its tensors one after the
+    other in ``trainable_parameters`` order. Flower 1.42 makes every array of a message an object
+    of its own, pulled with a request of its own (a MiniLM adapter: 31 objects a message, 5 packed),
+    and a deployed site waited 1-1.5 s for each message's objects (simulations/RESULTS.md
+    section 8). Aggregation is element-wise, so averaging the packed arrays is averaging the
+    tensors; SecAgg+ masks the one array as it masked the many."""
+    if not arrays:
+        return []
+    return [np.concatenate([np.asarray(a).ravel() for a in arrays])]
+
+
+def unpack(packed: "list[np.ndarray]", shapes: "list[tuple[int, ...]]") -> "list[np.ndarray]":
+    """The tensors of a packed adapter (:func:`pack`), in order; anything but one flat array of
+    exactly the adapter's size is an error."""
+    sizes = [int(np.prod(s)) for s in shapes]
+    if len(packed) != 1 or np.asarray(packed[0]).ndim != 1 or np.asarray(packed[0]).size != sum(sizes):
+        got = ", ".join(str(tuple(np.asarray(a).shape)) for a in packed) or "nothing"
+        raise AdapterMismatchError(f"expected the adapter packed as one flat array of {sum(sizes)} values "
+                                   f"({len(shapes)} tensors), got {got}")
+    flat = np.asarray(packed[0])
+    cuts = np.cumsum(sizes)[:-1]
+    return [part.reshape(shape) for part, shape in zip(np.split(flat, cuts), shapes)]
+
+
 def adapter_num_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in trainable_parameters(model).values())

@@ -6,9 +6,10 @@ from __future__ import annotations
 import random
 
 import numpy as np
-from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import EvaluateIns, FitIns, FitRes, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
+from fedtune.adapters import pack, unpack
 from fedtune.config import FedTuneConfig
 from fedtune.training.auto import auto_learning_rate
 
@@ -34,17 +35,29 @@ def server_learning_rate(cfg: FedTuneConfig) -> float | None:
 def make_strategy(cfg: FedTuneConfig, initial: list[np.ndarray], recorder):
     fed = cfg.federation
     base = STRATEGIES[fed.strategy]
+    shapes = [a.shape for a in initial]
 
     class RecordingStrategy(base):
+        """Flower's strategy on the adapter's tensors; its messages carry them packed as one
+        array (fedtune/adapters.py: pack), unpacked here before aggregation."""
+
         def configure_fit(self, server_round, parameters, client_manager):
             recorder.start_round(server_round)
             recorder.admit(server_round)  # pre-flight for new sites; stops the run if too few are left
             # Which sites train is drawn from a seeded generator: same seeds, same run.
             random.seed(cfg.train.seed * 7_919 + recorder.absolute(server_round))
-            return recorder.select(server_round, super().configure_fit(server_round, parameters, client_manager))
+            chosen = recorder.select(server_round, super().configure_fit(server_round, parameters, client_manager))
+            return [(proxy, FitIns(_packed(ins.parameters), ins.config)) for proxy, ins in chosen]
+
+        def configure_evaluate(self, server_round, parameters, client_manager):
+            return [(proxy, EvaluateIns(_packed(ins.parameters), ins.config))
+                    for proxy, ins in super().configure_evaluate(server_round, parameters, client_manager)]
 
         def aggregate_fit(self, server_round, results, failures):
             recorder.on_fit(server_round, results, failures)
+            # An answer that is not the adapter packed is an error (AdapterMismatchError) here,
+            # as Flower's own aggregation would fail on mismatched arrays.
+            results = [(proxy, _unpacked(res, shapes)) for proxy, res in results]
             # The absolute round: FedAdam's bias correction and FedAvgM's momentum continue across a resume.
             absolute = recorder.absolute(server_round)
             if results and getattr(self, "server_momentum", 0.0) > 0 and not self.momentum_vector:
@@ -118,6 +131,15 @@ def optimizer_state(strategy) -> dict:
     if getattr(strategy, "momentum_vector", None):
         return {"momentum": strategy.momentum_vector}
     return {}
+
+
+def _packed(parameters):
+    return ndarrays_to_parameters(pack(parameters_to_ndarrays(parameters)))
+
+
+def _unpacked(res: FitRes, shapes) -> FitRes:
+    arrays = unpack(parameters_to_ndarrays(res.parameters), shapes)
+    return FitRes(res.status, ndarrays_to_parameters(arrays), res.num_examples, res.metrics)
 
 
 def _no_aggregate(metrics: list) -> dict:

@@ -36,6 +36,23 @@ def test_peak_memory_counts_this_process():
     assert memory.samples >= 1 and memory.peak > len(block)
 
 
+def test_peak_memory_keeps_a_tracked_process_tree_apart():
+    import subprocess
+    import sys
+    import time
+
+    child = subprocess.Popen([sys.executable, "-c", "b = bytearray(96 * 2**20); import time; time.sleep(3)"])
+    try:
+        with PeakMemory(interval_s=0.05) as memory:
+            memory.track("child", child.pid)
+            time.sleep(1.0)
+    finally:
+        child.kill()
+        child.wait()
+    assert 96 * 2**20 < memory.peaks["child"] < memory.peak
+    assert PeakMemory.tree_rss(child.pid) == 0  # gone
+
+
 @pytest.mark.slow
 def test_step_time_interleaves_dp_and_non_dp_steps(tmp_path):
     step_time.run("tiny", tmp_path)
@@ -108,6 +125,10 @@ def test_deploy_load_times_a_real_deployments_round_and_its_stages(tmp_path):
     assert result["run_wall_s"] > result["seconds_per_round"] and result["bytes_up_per_site"] > 0
     # Coordinator, two site agents, their Flower processes: each with torch loaded.
     assert 500 * 2**20 < result["peak_rss_bytes"] < 24 * 2**30
+    # Each site agent's own tree (agent, SuperNode, worker with torch), and the coordinator's: parts of the whole.
+    site, coordinator = result["site_peak_rss_bytes"], result["coordinator_peak_rss_bytes"]
+    assert 200 * 2**20 < site["mean"] <= site["max"] and 100 * 2**20 < coordinator
+    assert 2 * site["mean"] + coordinator <= result["peak_rss_bytes"] * 1.05
     assert (tmp_path / data["plots"][0]).stat().st_size > 10_000
     assert _descendants() == []  # every process of the deployment was stopped
 

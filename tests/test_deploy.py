@@ -376,26 +376,53 @@ NGINX = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
 
 
 @pytest.mark.skipif(NGINX is None, reason="nginx is not installed (.ci/run installs it)")
-def test_the_proxy_rule_passes_the_fleet_api_and_refuses_the_control_api(federation, procs, coordinator, tmp_path):
-    """deploy/proxy/nginx.conf, pointed at this test's coordinator: a site joins through it, a
-    Control API call (which would start runs) is refused."""
+def _proxy(procs, federation, coordinator, folder: Path, *edits: tuple[str, str]) -> int:
+    """deploy/proxy/nginx.conf pointed at this test's coordinator (with ``edits``); its port."""
     certs, port = federation["certs"].root, free_port()
+    folder.mkdir(parents=True, exist_ok=True)
     conf = (REPO / "deploy" / "proxy" / "nginx.conf").read_text()
     for old, new in [("server coordinator:9092;", f"server 127.0.0.1:{coordinator.port};"), ("/certs/", f"{certs}/"),
                      ("listen 9443 ssl;", f"listen 127.0.0.1:{port} ssl;"), ("proxy_ssl_name coordinator;",
-                     "proxy_ssl_name localhost;"), ("pid /tmp/fedtune-proxy.pid;", f"pid {tmp_path}/nginx.pid;"),
-                     ("access_log /dev/stdout;", f"access_log {tmp_path}/access.log;")]:
+                     "proxy_ssl_name localhost;"), ("pid /tmp/fedtune-proxy.pid;", f"pid {folder}/nginx.pid;"),
+                     ("access_log /dev/stdout;", f"access_log {folder}/access.log;"), *edits]:
         assert old in conf
         conf = conf.replace(old, new)
-    (tmp_path / "nginx.conf").write_text(conf)
-    procs.start("nginx", [NGINX, "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path),
-                          "-e", str(tmp_path / "err.log"), "-g", "daemon off;"])
+    (folder / "nginx.conf").write_text(conf)
+    procs.start(f"nginx-{folder.name}", [NGINX, "-c", str(folder / "nginx.conf"), "-p", str(folder),
+                                         "-e", str(folder / "err.log"), "-g", "daemon off;"])
     wait_for_port("127.0.0.1", port, 30)
-    ctx = ssl.create_default_context(cafile=str(federation["certs"].ca_cert))
-    request = urllib.request.Request(f"https://localhost:{port}/v1/control/list-runs", data=b"", method="POST")
-    with pytest.raises(urllib.error.HTTPError) as refused:
-        urllib.request.urlopen(request, context=ctx, timeout=10)
-    assert refused.value.code == 403
+    return port
+
+
+def _post(port: int, path: str, body: bytes, ca: Path) -> int:
+    """The HTTP status of a POST through the proxy."""
+    request = urllib.request.Request(f"https://localhost:{port}{path}", data=body, method="POST",
+                                     headers={"Content-Type": "application/protobuf"})
+    try:
+        with urllib.request.urlopen(request, context=ssl.create_default_context(cafile=str(ca)), timeout=60) as r:
+            return r.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def test_the_proxy_rule_passes_the_fleet_api_and_refuses_the_control_api(federation, procs, coordinator, tmp_path):
+    """deploy/proxy/nginx.conf, pointed at this test's coordinator: a site joins through it, a
+    Control API call (which would start runs) is refused, and a request the size of Flower's
+    largest object (an adapter update is sent in array chunks of up to 5 MB) reaches the SuperLink:
+    the proxy's client_max_body_size is the limit that applies, shown by the same request refused
+    (413) by the proxy with a limit below it."""
+    from flwr.common.constant import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE
+
+    ca = federation["certs"].ca_cert
+    port = _proxy(procs, federation, coordinator, tmp_path)
+    assert _post(port, "/v1/control/list-runs", b"", ca) == 403
+    chunk = os.urandom(FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE + 64 * 1024)  # a full chunk and its message's framing
+    passed = _post(port, "/v1/fleet/push-object", chunk, ca)
+    assert passed != 413 and passed >= 400, passed  # the SuperLink's own answer to an unsigned request
+    assert '"POST /v1/fleet/push-object HTTP/1.1" 413' not in (tmp_path / "access.log").read_text()
+    tight = _proxy(procs, federation, coordinator, tmp_path / "tight",
+                   ("client_max_body_size 256m;", "client_max_body_size 4m;"))
+    assert _post(tight, "/v1/fleet/push-object", chunk, ca) == 413
     site = procs.start("site-b", _client(federation, "site-b", port, free_port(), "--max-retries", "2"))
     deadline = time.monotonic() + 60
     while "/v1/fleet/pull-messages" not in (tmp_path / "access.log").read_text():
@@ -549,9 +576,14 @@ def test_four_sites_survive_a_kill_while_training_a_failure_a_restart_and_a_kill
     _wait_for(procs, server, "site site-d: registered", 240)  # four `flwr supernode register` calls
 
     def agent(site: str, name: str | None = None):
+        # The two sites that are killed beat every 10 s (Flower's minimum; its default is 30 s):
+        # the coordinator fails their messages 20 s, not 60 s, after they die. site-a keeps 30 s, as
+        # it is held (SIGSTOP) below for up to 30 s without being taken for dead.
+        beat = ["--heartbeat-interval", "10"] if site in ("site-c", "site-d") else []
         return procs.start(name or site, fedtune_cmd(
             "client", "--superlink", f"127.0.0.1:{port}", "--ca", certs.ca_cert, "--key", certs.site_key(site),
-            "--data", data[site], "--labels", "neg,pos", "--state-dir", state[site], "--runtime-port", free_port()))
+            "--data", data[site], "--labels", "neg,pos", "--state-dir", state[site], "--runtime-port", free_port(),
+            *beat))
 
     agents = {site: agent(site) for site in CHAOS_SITES}
 

@@ -16,7 +16,7 @@ from flwr.common import EvaluateIns, FitIns, ndarrays_to_parameters
 from flwr.compat.common.recorddict_compat import evaluateins_to_recorddict, fitins_to_recorddict
 
 from fedtune import __version__, tiny
-from fedtune.adapters import get_adapter_arrays
+from fedtune.adapters import get_adapter_arrays, pack
 from fedtune.client.app import make_client_app
 from fedtune.client.runtime import site_runtime
 from fedtune.client.settings import SiteSettings
@@ -76,7 +76,7 @@ def test_the_hidden_column_reconstruction_fails_whatever_the_coordinator_sends(t
     node = _node(data, state)
     app = make_client_app()
     own = _config(tiny_models["bert"])
-    arrays = list(get_adapter_arrays(site_runtime(own, SiteSettings.model_validate(node), state).model).values())
+    arrays = pack(list(get_adapter_arrays(site_runtime(own, SiteSettings.model_validate(node), state).model).values()))
 
     answered_hidden = []
     for i in range(len(hidden)):  # one split seed per row, each under a fresh run id
@@ -209,7 +209,7 @@ def test_epsilon_recomputed_from_the_ledger_equals_the_reported_one_and_composes
     state = tmp_path / "state"
     client = SiteClient(SiteSettings.model_validate(_node(data, state, **{"lifetime-epsilon": 6.0})))
     config = _config(tiny_models["bert"], "privacy.target_epsilon=4.0", "privacy.accountant=rdp")
-    arrays = list(get_adapter_arrays(site_runtime(config, client.settings, state).model).values())
+    arrays = pack(list(get_adapter_arrays(site_runtime(config, client.settings, state).model).values()))
     instr = lambda rnd: RoundInstructions(run_id="run-1", round=rnd, rounds=2, config=config).to_record()  # noqa: E731
     reports = []
     for rnd in (1, 2):

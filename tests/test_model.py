@@ -3,7 +3,8 @@ import pytest
 import torch
 from peft import PeftModel
 
-from fedtune.adapters import AdapterMismatchError, get_adapter_arrays, set_adapter_arrays, trainable_parameters
+from fedtune.adapters import (AdapterMismatchError, get_adapter_arrays, pack, set_adapter_arrays, trainable_parameters,
+                              unpack)
 from fedtune.local import prepare_site, save_adapter
 from fedtune.model import ModelLoadError, default_target_modules, load_base_model, load_tokenizer
 from fedtune.training.trainer import LocalTrainer
@@ -89,6 +90,29 @@ def test_adapter_name_and_shape_mismatch_are_errors(tiny_models, separable_files
     wrong = {**arrays, name: np.zeros((1, 1), np.float32)}
     with pytest.raises(AdapterMismatchError, match="shape"):
         set_adapter_arrays(site.model, wrong)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_packed_adapter_is_one_flat_array_that_unpacks_to_the_same_tensors(dtype):
+    rng = np.random.default_rng(0)
+    tensors = [rng.normal(size=s).astype(dtype) for s in [(8, 4), (4, 8), (2, 8), (2,), (1, 1, 3)]]
+    [packed] = pack(tensors)
+    assert packed.ndim == 1 and packed.size == sum(t.size for t in tensors) and packed.dtype == dtype
+    back = unpack([packed], [t.shape for t in tensors])
+    for t, b in zip(tensors, back, strict=True):
+        np.testing.assert_array_equal(t, b)
+
+
+@pytest.mark.parametrize("wire, why", [
+    (lambda ts: ts, "the tensors unpacked"),
+    (lambda ts: [np.concatenate([t.ravel() for t in ts])[:-1]], "one value short"),
+    (lambda ts: [np.concatenate([t.ravel() for t in ts]).reshape(2, -1)], "not flat"),
+    (lambda ts: [], "nothing"),
+])
+def test_anything_but_the_packed_adapter_is_an_error_naming_the_expected_size(wire, why):
+    tensors = [np.zeros((4, 2), np.float32), np.zeros(2, np.float32)]
+    with pytest.raises(AdapterMismatchError, match="one flat array of 10 values"):
+        unpack(wire(tensors), [t.shape for t in tensors])
 
 
 @pytest.mark.parametrize("arch, task", [("bert", "sequence-classification"), ("gpt2", "causal-lm")])

@@ -19,7 +19,7 @@ from flwr.common.serde import message_to_proto
 from flwr.compat.common.recorddict_compat import evaluateins_to_recorddict, fitins_to_recorddict
 
 from fedtune import tiny
-from fedtune.adapters import get_adapter_arrays
+from fedtune.adapters import get_adapter_arrays, pack
 from fedtune.client.agent import SiteClient
 from fedtune.client.app import make_client_app
 from fedtune.client.budget import BudgetRefusal
@@ -104,7 +104,7 @@ def test_rows_with_an_undeclared_label_are_left_out_and_counted_only_at_the_site
         site = site_runtime(config, client.settings, state)
     assert len(site.data.train) + len(site.data.eval) == 29
     assert "1 of 30 rows have a label outside the declared set" in caplog.text
-    _, n, metrics = client.fit(list(get_adapter_arrays(site.model).values()), _instructions(config, rounds=1))
+    _, n, metrics = client.fit(pack(list(get_adapter_arrays(site.model).values())), _instructions(config, rounds=1))
     assert n == len(site.data.train) and SECRET_LABEL not in json.dumps(metrics)
 
 
@@ -192,7 +192,7 @@ def _client(data: Path, state: Path, **extra) -> SiteClient:
 
 def _arrays(client: SiteClient, config: str, state: Path) -> list[np.ndarray]:
     site = site_runtime(config, client.settings, state)
-    return list(get_adapter_arrays(site.model).values())
+    return pack(list(get_adapter_arrays(site.model).values()))
 
 
 def test_evaluation_is_answered_only_for_a_trained_run_noised_recorded_and_capped_per_dataset(

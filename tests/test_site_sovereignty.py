@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from fedtune import tiny
-from fedtune.adapters import get_adapter_arrays
+from fedtune.adapters import get_adapter_arrays, pack
 from fedtune.client import agent as agent_module
 from fedtune.client.agent import SiteClient
 from fedtune.client.budget import BudgetRefusal, SiteBudget
@@ -85,7 +85,7 @@ class Site:
         settings = settings_from_node_config(self.node)
         toml = self.config(*overrides).to_toml()
         if self.arrays is None:
-            self.arrays = list(get_adapter_arrays(site_runtime(toml, settings, self.state).model).values())
+            self.arrays = pack(list(get_adapter_arrays(site_runtime(toml, settings, self.state).model).values()))
         instr = RoundInstructions(run_id=run_id, round=rnd, rounds=rounds, config=toml, site_state_root=state_root)
         try:
             arrays, _, _ = SiteClient(settings).fit([a.copy() for a in self.arrays], instr.to_record())
@@ -306,8 +306,8 @@ def test_non_private_training_is_reproducible_and_dp_training_is_not(tiny_models
     run with the same config, gives the same update: its seeds come from train.seed, the site and
     the round, not the run id. With DP two trainings of the same round draw fresh seeds."""
     off = Site(tiny_models["bert"], data_file, tmp_path / "off", **{"allow-non-private": True})
-    start = list(get_adapter_arrays(site_runtime(off.config().to_toml(), settings_from_node_config(off.node),
-                                                 off.state).model).values())
+    start = pack(list(get_adapter_arrays(site_runtime(off.config().to_toml(), settings_from_node_config(off.node),
+                                                      off.state).model).values()))
 
     def train(site, run_id, *overrides):
         runtime_module._CACHE.clear()  # a fresh ClientApp process, as after a restart

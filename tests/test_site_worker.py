@@ -158,6 +158,35 @@ def test_the_supernodes_fixed_waits_are_shortened_only_while_a_run_is_active():
     assert paced.pace(3) == 3                        # quiet for two minutes: back to 3 s
 
 
+def test_a_sites_heartbeat_interval_reaches_what_flower_reports_and_waits_by(tmp_path):
+    """``fedtune client --heartbeat-interval``: the SuperNode launcher sets the interval Flower 1.42
+    hard-codes (30 s) where the SuperNode reports it and where its heartbeat thread waits by;
+    outside Flower's 10-1800 s it is an error before anything starts."""
+    import importlib
+
+    from fedtune.deployment import supernode_pace
+    from fedtune.deployment.flower import supernode_command
+
+    modules = [importlib.import_module(name) for name in supernode_pace.PINNED_HEARTBEAT_LINES]
+    assert [m.HEARTBEAT_DEFAULT_INTERVAL for m in modules] == [30, 30]
+    try:
+        supernode_pace.set_heartbeat(10.0)
+        assert [m.HEARTBEAT_DEFAULT_INTERVAL for m in modules] == [10.0, 10.0]
+    finally:
+        for m in modules:
+            m.HEARTBEAT_DEFAULT_INTERVAL = 30
+    for bad in (5.0, 3600.0):
+        with pytest.raises(ValueError, match="between 10 and 1800"):
+            supernode_pace.set_heartbeat(bad)
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"x" * 32)
+    cmd = supernode_command("127.0.0.1:1", tmp_path / "node.toml", 9094, None, None, insecure=True,
+                            secret_file=secret, heartbeat_interval=12.0)
+    assert cmd[cmd.index("--heartbeat-interval") + 1] == "12.0"
+    assert "--heartbeat-interval" not in supernode_command("127.0.0.1:1", tmp_path / "node.toml", 9094, None, None,
+                                                            insecure=True, secret_file=secret)
+
+
 def test_a_worker_that_keeps_dying_is_restarted_then_stops_the_agent(tmp_path):
     import sys
 
@@ -265,10 +294,11 @@ def test_the_flower_functions_the_site_worker_relies_on_are_as_pinned():
     from flwr.supernode import start_client_internal
     from flwr.supernode.runtime import run_clientapp
 
-    from fedtune.deployment.supernode_pace import check_pinned
+    from fedtune.deployment.supernode_pace import check_heartbeat_pinned, check_pinned
 
     assert flwr.__version__ == "1.42.0"
     check_pinned(start_client_internal)
+    check_heartbeat_pinned()
     loop = inspect.getsource(start_client_internal.start_client_internal)
     assert 'if isolation == ISOLATION_MODE_SUBPROCESS:\n        runtime_address' in loop
     # One message at a time: the SuperNode waits for the reply before it pulls the next message

@@ -191,7 +191,8 @@ def submit_command(app_dir: Path, connection: str, config: Path, out: Path, resu
 
 def supernode_command(superlink: str, node_config: Path, runtime_port: int, ca_cert: Optional[Path],
                       private_key: Optional[Path], insecure: bool = False, max_retries: Optional[int] = None,
-                      max_wait_time: Optional[float] = None, secret_file: Optional[Path] = None) -> list[str]:
+                      max_wait_time: Optional[float] = None, secret_file: Optional[Path] = None,
+                      heartbeat_interval: Optional[float] = None) -> list[str]:
     """The site's SuperNode, with Flower's fixed waits shortened (supernode_pace.py). Its Runtime
     API listens on this machine's loopback only. ``--isolation process``: the SuperNode starts no
     process for a message; the site's own long-lived worker (client/site_worker.py) claims each
@@ -205,6 +206,8 @@ def supernode_command(superlink: str, node_config: Path, runtime_port: int, ca_c
         cmd += ["--max-retries", str(max_retries)]
     if max_wait_time is not None:
         cmd += ["--max-wait-time", str(max_wait_time)]
+    if heartbeat_interval is not None:  # supernode_pace's own option (Flower's is fixed at 30 s)
+        cmd += ["--heartbeat-interval", str(heartbeat_interval)]
     if insecure:
         return [*cmd, "--insecure"]
     if ca_cert is None or private_key is None:

@@ -48,6 +48,7 @@ class ClientOptions:
     insecure: bool = False
     max_retries: Optional[int] = None
     max_wait_time: Optional[float] = None
+    heartbeat_interval: Optional[float] = None  # seconds; Flower's 30 when unset (supernode_pace.py)
     verbose: bool = False          # the SuperNode's own log on the console too
 
 
@@ -193,7 +194,7 @@ def run_agent(opts: ClientOptions) -> int:
         _check_key(Path(opts.key))
     secret = write_secret(state)
     cmd = supernode_command(opts.superlink, node_config_file(settings, state), opts.runtime_port, opts.ca, opts.key,
-                            opts.insecure, opts.max_retries, opts.max_wait_time, secret)
+                            opts.insecure, opts.max_retries, opts.max_wait_time, secret, opts.heartbeat_interval)
     log_path = state / "logs" / "supernode.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     print(f"fedtune client: site '{settings.site_id}' -> {opts.superlink} "

@@ -18,6 +18,12 @@ the SuperLink: a site in an active run pulls 1 / 0.25 s = 4 times a second, so 5
 about 200 small pull requests a second while a run is active and about 17 a second (50 / 3 s, as
 with Flower alone) when none is. :func:`check_pinned` refuses to start when the lines it relies
 on are not those of the pinned Flower (tests/test_site_worker.py checks it too).
+
+It also takes ``--heartbeat-interval SECONDS`` (``fedtune client --heartbeat-interval``), which
+Flower 1.42's SuperNode hard-codes at 30 s (``HEARTBEAT_DEFAULT_INTERVAL``): the SuperLink
+marks a site offline, and fails the messages it still owes, 2 intervals after its last
+heartbeat, so a site that dies mid-round holds that round up to 60 s by default; at 10 s (Flower's
+minimum), up to 20 s, for one small heartbeat request every 4 s instead of every 12 s.
 """
 
 from __future__ import annotations
@@ -32,6 +38,16 @@ REPLY_WAIT_SECONDS = 0.5     # Flower 1.42's literal: waiting for the ClientApp'
 ACTIVE_PULL_SECONDS = 0.25
 ACTIVE_WINDOW_SECONDS = 120.0
 REPLY_POLL_SECONDS = 0.02
+
+MIN_HEARTBEAT_SECONDS, MAX_HEARTBEAT_SECONDS = 10.0, 1800.0  # Flower 1.42's HEARTBEAT_MIN/MAX_INTERVAL
+
+# The node heartbeat's interval as Flower 1.42 reads it: the interval the SuperNode reports
+# (fleet_http_connection) and the one its heartbeat thread waits by (supercore/heartbeat.py).
+PINNED_HEARTBEAT_LINES = {
+    "flwr.supernode.fleet_http_connection": ("node=node, heartbeat_interval=HEARTBEAT_DEFAULT_INTERVAL",
+                                             "heartbeat_interval=HEARTBEAT_DEFAULT_INTERVAL,"),
+    "flwr.supercore.heartbeat": ("next_interval: float = HEARTBEAT_DEFAULT_INTERVAL - HEARTBEAT_CALL_TIMEOUT",),
+}
 
 PINNED_LINES = (
     "import time\n",
@@ -77,11 +93,37 @@ def check_pinned(module) -> None:
                            f"(missing: {missing}); reinstall the pinned flwr")
 
 
-def install() -> PacedTime:
+def check_heartbeat_pinned() -> None:
+    """Raise when Flower no longer reads the node heartbeat's interval where set_heartbeat sets it."""
+    import importlib
+
+    for name, lines in PINNED_HEARTBEAT_LINES.items():
+        source = inspect.getsource(importlib.import_module(name))
+        missing = [line for line in lines if line not in source]
+        if missing:
+            raise RuntimeError(f"{name} is not the Flower 1.42.0 heartbeat fedtune sets (missing: {missing}); "
+                               "reinstall the pinned flwr")
+
+
+def set_heartbeat(seconds: float) -> None:
+    """This SuperNode's node heartbeat: reported to the SuperLink, and the pace of its sender."""
+    import importlib
+
+    if not MIN_HEARTBEAT_SECONDS <= seconds <= MAX_HEARTBEAT_SECONDS:
+        raise ValueError(f"--heartbeat-interval {seconds:g}: must be between {MIN_HEARTBEAT_SECONDS:g} and "
+                         f"{MAX_HEARTBEAT_SECONDS:g} seconds (what Flower's SuperLink accepts)")
+    check_heartbeat_pinned()
+    for name in PINNED_HEARTBEAT_LINES:
+        importlib.import_module(name).HEARTBEAT_DEFAULT_INTERVAL = seconds
+
+
+def install(heartbeat_seconds: Optional[float] = None) -> PacedTime:
     """Pace the SuperNode loop of this process (before it starts)."""
     from flwr.supernode import start_client_internal as loop
 
     check_pinned(loop)
+    if heartbeat_seconds is not None:
+        set_heartbeat(heartbeat_seconds)
     paced = PacedTime()
     pull = loop._pull_and_store_message
 
@@ -100,14 +142,19 @@ def install() -> PacedTime:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    install()
+    import argparse
+
+    own = argparse.ArgumentParser(add_help=False)
+    own.add_argument("--heartbeat-interval", type=float, default=None)
+    opts, flower_args = own.parse_known_args(sys.argv[1:] if argv is None else argv)
+    install(opts.heartbeat_interval)
     from flwr.supercore.logger import update_console_handler
 
     # Its log goes to a file in the site's state folder: with the time of every line, no colours.
     update_console_handler(timestamps=True, colored=False)
     from flwr.supernode.cli import flower_supernode
 
-    sys.argv = ["flower-supernode", *(sys.argv[1:] if argv is None else argv)]
+    sys.argv = ["flower-supernode", *flower_args]
     flower_supernode()
 
 

@@ -2,9 +2,11 @@
 SuperLink with TLS and site authentication) and one `fedtune client` site agent (a Flower
 SuperNode) per site, each its own process tree, with DP-SGD and SecAgg+ on as deployed by
 default. The model is the tiny random BERT on purpose: what is measured is the federation's own
-cost (SecAgg+ stages, messages, a fresh ClientApp process per message, every site on the same
+cost (SecAgg+ stages, messages, each site's SuperNode and long-lived worker, every site on the same
 cores), not training. Per site count: the mean round wall time (the coordinator's metrics.jsonl),
-its stages, the peak memory of every process together, and the ratio to the 2-site round.
+its stages, the peak memory of every process together and of each site agent's process tree (its
+agent, SuperNode and worker: what a site's own machine must hold for this model), and the ratio to
+the 2-site round.
 
     python -m simulations.benchmarks.deploy_load [--size tiny|default|full]
 """
@@ -61,11 +63,13 @@ def deploy(model: Path, sites: int, rounds: int, work: Path) -> dict:
                 "server", "--certs", certs.root, "--port", port, "--state-dir", work / "coordinator",
                 "--config", config, "--out", out))
             _wait_for_text(procs, server, f"site {names[-1]}: registered", 120)
+            memory.track("coordinator", server.pid)
             for s in names:
-                procs.start(s, fedtune_cmd(
+                agent = procs.start(s, fedtune_cmd(
                     "client", "--superlink", f"127.0.0.1:{port}", "--ca", certs.ca_cert, "--key", certs.site_key(s),
                     "--data", data[s], "--labels", "neg,pos", "--state-dir", work / "state" / s,
                     "--runtime-port", free_port()))
+                memory.track(s, agent.pid)
             # Generous: 8 sites on 2 shared cores take minutes a round.
             rc = procs.wait(server, 600 + 240 * sites * rounds)
         wall = time.perf_counter() - started
@@ -79,7 +83,10 @@ def deploy(model: Path, sites: int, rounds: int, work: Path) -> dict:
     failed = [r["round"] for r in records if r["failed"] or set(r["sites"]) != set(names)]
     if len(records) != rounds or failed:
         raise RuntimeError(f"{sites} sites: rounds {failed} failed or missed a site (see {out / 'metrics.jsonl'})")
-    return {"records": records, "run_wall_s": wall, "peak_rss_bytes": memory.peak}
+    per_site = [memory.peaks[s] for s in names]
+    return {"records": records, "run_wall_s": wall, "peak_rss_bytes": memory.peak,
+            "coordinator_peak_rss_bytes": memory.peaks["coordinator"],
+            "site_peak_rss_bytes": {"max": max(per_site), "mean": statistics.mean(per_site)}}
 
 
 def run(size: str = "default", out_dir: Path | None = None, workdir: Path | None = None) -> dict:
@@ -101,6 +108,8 @@ def run(size: str = "default", out_dir: Path | None = None, workdir: Path | None
             results.append({"sites": n, "rounds": rounds, "round_seconds": seconds,
                             "seconds_per_round": statistics.mean(seconds), "stage_seconds": stages,
                             "run_wall_s": got["run_wall_s"], "peak_rss_bytes": got["peak_rss_bytes"],
+                            "site_peak_rss_bytes": got["site_peak_rss_bytes"],
+                            "coordinator_peak_rss_bytes": got["coordinator_peak_rss_bytes"],
                             "bytes_up_per_site": statistics.mean(b for r in got["records"] for b in r["bytes_up"].values()),
                             "load_average_1m_after": os.getloadavg()[0]})
             log(f"deploy_load: {n} sites: {statistics.mean(seconds):.1f} s per round")
@@ -111,9 +120,10 @@ def run(size: str = "default", out_dir: Path | None = None, workdir: Path | None
     out_dir.mkdir(parents=True, exist_ok=True)
     plot = plot_round_time_vs_sites(results, STAGES, out_dir / f"deploy_load-{size}.png").name
     headers = ["sites", "s/round", f"x {min(SITES[size])} sites", *STAGES, "run wall s (incl. start-up)",
-               "peak RSS GiB (all)", "load 1m after"]
+               "peak RSS GiB (all)", "per site MiB (max)", "coordinator MiB", "load 1m after"]
     rows = [[r["sites"], r["seconds_per_round"], r["ratio_vs_fewest"], *(r["stage_seconds"].get(s) for s in STAGES),
-             r["run_wall_s"], r["peak_rss_bytes"] / 2**30, r["load_average_1m_after"]] for r in results]
+             r["run_wall_s"], r["peak_rss_bytes"] / 2**30, r["site_peak_rss_bytes"]["max"] / 2**20,
+             r["coordinator_peak_rss_bytes"] / 2**20, r["load_average_1m_after"]] for r in results]
     text = table(headers, rows)
     print(f"\nDeployed load (127.0.0.1, TLS, DP-SGD, SecAgg+, tiny model, {rounds} round(s); stage means in s)\n"
           f"{text}\nplot: {plot}")
