@@ -25,7 +25,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from fedtune.privacy.accounting import calibrate_noise_multiplier, compute_epsilon
+from fedtune.config import PrivacyConfig
+from fedtune.privacy.accounting import compute_epsilon, planned_noise
 from fedtune.privacy.composition import sequential
 from fedtune.privacy.ledger import LedgerEntry, PrivacyLedger, RunPlan
 
@@ -148,8 +149,9 @@ def _refuse_if_spent(epsilon: float, delta: float, mech: str, history: History, 
 def _calibrate(epsilon: float, delta: float, q: float, steps: int, mech: str, history: History, site: str,
                what: str) -> float:
     spent = compute_epsilon(history, delta, mech)
-    try:
-        return calibrate_noise_multiplier(epsilon, delta, q, steps, mech, prior_history=history or None)
+    try:  # the site's own budget and delta, through the one calibration (fedtune/privacy/accounting.py)
+        return planned_noise(PrivacyConfig(target_epsilon=epsilon, target_delta=delta, accountant=mech), q, steps,
+                             history)
     except ValueError:
         raise BudgetRefusal(f"{site}: what is left of {what} (epsilon {epsilon - spent:.3g}) fits no noise "
                             "multiplier") from None

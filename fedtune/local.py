@@ -19,7 +19,7 @@ from fedtune.data import LabelMap, SiteData, load_site_data, pad_collate
 from fedtune.evaluation import evaluate
 from fedtune.io_utils import atomic_replace_dir, atomic_write_json
 from fedtune.model import build_model, load_tokenizer, resolve_device
-from fedtune.privacy.accounting import AccountantHistory, PrivacySpend, calibrate_noise_multiplier
+from fedtune.privacy.accounting import AccountantHistory, PrivacySpend, planned_noise
 from fedtune.training.auto import resolve_train
 from fedtune.training.precision import resolve_precision
 from fedtune.training.trainer import LocalTrainer, TrainResult, dp_sample_rate, steps_per_epoch
@@ -58,22 +58,6 @@ def prepare_site(cfg: FedTuneConfig, label_map: Optional[LabelMap] = None) -> Si
     id2label = dict(enumerate(data.label_map.labels)) if data.label_map is not None else None
     model = build_model(cfg.model, cfg.lora, tokenizer, id2label, device, cfg.train.seed)
     return Site(cfg, data, model, pad_collate(tokenizer.pad_token_id), device, precision)
-
-
-def plan_noise_multiplier(cfg: FedTuneConfig, num_examples: int, total_steps: int) -> float:
-    """Noise for the whole planned training (all rounds x local steps), never per call."""
-    privacy = cfg.privacy
-    if not privacy.enabled:
-        return 0.0
-    if privacy.noise_multiplier is not None:
-        return privacy.noise_multiplier
-    return calibrate_noise_multiplier(
-        privacy.target_epsilon,
-        privacy.target_delta,
-        dp_sample_rate(num_examples, cfg.train.batch_size),
-        total_steps,
-        privacy.accountant,
-    )
 
 
 def privacy_spend(cfg: FedTuneConfig, result: TrainResult, history: Optional[AccountantHistory]) -> Optional[PrivacySpend]:
@@ -120,7 +104,7 @@ def run_train_local(cfg: FedTuneConfig, out_dir: Path) -> dict:
     for name, report in site.data.reports.items():
         log.info("%s data: %s", name, report.summary())
     total_steps = cfg.train.epochs * steps_per_epoch(n, cfg.train.batch_size)
-    noise = plan_noise_multiplier(cfg, n, total_steps)
+    noise = planned_noise(cfg.privacy, dp_sample_rate(n, cfg.train.batch_size), total_steps) if cfg.privacy.enabled else 0.0
     if cfg.privacy.enabled:
         log.info(
             "DP-SGD: noise multiplier %.4f for %d steps at sample rate %.5f (target epsilon %.2f, delta %g, %s)",

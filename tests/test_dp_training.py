@@ -9,11 +9,11 @@ import torch
 from fedtune import tiny
 from fedtune.adapters import get_adapter_arrays, trainable_parameters
 from fedtune.evaluation import evaluate
-from fedtune.local import plan_noise_multiplier, prepare_site
-from fedtune.privacy.accounting import AccountantHistory, calibrate_noise_multiplier, compute_epsilon
+from fedtune.local import prepare_site
+from fedtune.privacy.accounting import AccountantHistory, calibrate_noise_multiplier, compute_epsilon, planned_noise
 from fedtune.training.losses import batch_loss
 from fedtune.training.precision import autocast
-from fedtune.training.trainer import LocalTrainer, steps_per_epoch
+from fedtune.training.trainer import LocalTrainer, dp_sample_rate, steps_per_epoch
 from tests.helpers import tiny_config
 
 MAX_NORM = 0.05  # small enough that every per-sample gradient is clipped
@@ -124,7 +124,7 @@ def test_reported_epsilon_is_at_most_and_close_to_target(tiny_models, separable_
     site = prepare_site(cfg)
     n = len(site.data.train)
     steps = 2 * steps_per_epoch(n, cfg.train.batch_size)
-    noise = plan_noise_multiplier(cfg, n, steps)
+    noise = planned_noise(cfg.privacy, dp_sample_rate(n, cfg.train.batch_size), steps)
     trainer = LocalTrainer(site.model, site.data.train, site.collate, cfg.model.task, cfg.train, cfg.privacy,
                            site.device, "fp32", noise_multiplier=noise)
     result = trainer.train(steps)
@@ -200,7 +200,7 @@ def test_dp_training_at_epsilon_8_beats_chance(tiny_models, tmp_path):
     n = len(site.data.train)
     steps = cfg.train.epochs * steps_per_epoch(n, cfg.train.batch_size)
     trainer = LocalTrainer(site.model, site.data.train, site.collate, cfg.model.task, cfg.train, cfg.privacy,
-                           site.device, "fp32", noise_multiplier=plan_noise_multiplier(cfg, n, steps),
+                           site.device, "fp32", noise_multiplier=planned_noise(cfg.privacy, dp_sample_rate(n, cfg.train.batch_size), steps),
                            sample_seed=2, noise_seed=1)  # fixed secrets: the test must not depend on luck
     result = trainer.train(steps)
     model = trainer.close()

@@ -1,3 +1,4 @@
+import pytest
 from fedtune.cli import main
 from fedtune.config import load_config
 from fedtune.privacy.accounting import compute_epsilon
@@ -50,3 +51,31 @@ def test_plan_warns_about_a_delta_at_or_above_one_over_n(capsys):
                  "--set", "privacy.accountant=rdp"]) == 0
     out = capsys.readouterr().out
     assert "WARNING site-0: delta 0.05 is at least 1/N for N = 50" in out and "WARNING site-1" in out
+
+
+@pytest.mark.parametrize("examples, rounds, epsilon, accountant", [
+    (2000, 5, 8.0, "rdp"), (300, 3, 3.0, "rdp"), (800, 2, 8.0, "prv"), (120, 4, 1.0, "prv")])
+def test_the_plan_train_local_auto_and_the_sites_budget_calibrate_the_same_noise(examples, rounds, epsilon,
+                                                                                    accountant):
+    """One calibration (fedtune/privacy/accounting.py: planned_noise) behind every place that
+    plans noise: the preview a coordinator reads, auto's batch search, train-local and the site's
+    budget, which decides, give the same number for the same rows, batch, steps and budget."""
+    from fedtune.client.budget import round_noise
+    from fedtune.client.policy import SitePolicy, run_terms
+    from fedtune.config import PrivacyConfig
+    from fedtune.privacy.accounting import planned_noise
+    from fedtune.training.auto import resolve_train
+    from fedtune.training.trainer import dp_sample_rate
+
+    cfg = load_config(None, [f"federation.rounds={rounds}", "train.epochs=1", f"privacy.accountant={accountant}",
+                             f"privacy.target_epsilon={epsilon}"])  # auto batch: its search picks the batch
+    plan = plan_site(cfg, "site-0", examples)
+    batch = resolve_train(cfg.train, examples, cfg.privacy, rounds).train.batch_size
+    assert batch == plan.batch_size
+    q = dp_sample_rate(examples, batch)
+    assert planned_noise(cfg.privacy, q, plan.total_steps) == plan.noise_multiplier
+    policy = SitePolicy(lifetime_epsilon=100.0, max_noise_multiplier=1e3)
+    terms = run_terms(policy, PrivacyConfig(target_epsilon=epsilon, accountant=accountant), examples)
+    granted, _, _ = round_noise(terms, policy, plan=None, run_rounds_done=0, run_history=[], prior=[], rounds=rounds,
+                                steps=plan.steps_per_round, sample_rate=q, lifetime_delta=terms.delta)
+    assert granted == pytest.approx(plan.noise_multiplier, rel=1e-9)

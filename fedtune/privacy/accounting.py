@@ -11,11 +11,14 @@ import logging
 import math
 import warnings
 from functools import lru_cache
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 from pydantic import BaseModel, Field
+
+if TYPE_CHECKING:
+    from fedtune.config import PrivacyConfig
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +121,21 @@ def calibrate_noise_multiplier(
     if not prior_history:
         return _calibrate_fresh(float(target_epsilon), float(delta), float(sample_rate), int(total_steps), mechanism)
     return _calibrate_after(target_epsilon, delta, sample_rate, total_steps, mechanism, prior_history)
+
+
+def planned_noise(privacy: "PrivacyConfig", sample_rate: float, total_steps: int,
+                  prior_history: list[tuple[float, float, int]] | None = None) -> float:
+    """The noise multiplier of a whole planned DP training (every round x local step, never per
+    call): ``privacy.noise_multiplier`` where the run fixes one, else the accountant's smallest
+    noise that keeps ``total_steps`` steps at ``sample_rate``, after ``prior_history``, within
+    ``privacy.target_epsilon`` at ``privacy.target_delta``. The one place noise is calibrated:
+    ``auto``'s batch search (fedtune/training/auto.py), ``train-local`` (fedtune/local.py),
+    ``fedtune privacy plan`` (fedtune/privacy/plan.py) and a site's budget (client/budget.py,
+    which decides, with the site's own budget and history) all call it."""
+    if privacy.noise_multiplier is not None:
+        return float(privacy.noise_multiplier)
+    return calibrate_noise_multiplier(privacy.target_epsilon, privacy.target_delta, sample_rate, total_steps,
+                                      privacy.accountant, prior_history=prior_history or None)
 
 
 # Above this many planned steps PRV is calibrated by a bisection through compute_epsilon (whose

@@ -8,7 +8,7 @@ from typing import Optional
 from pydantic import BaseModel
 
 from fedtune.config import FedTuneConfig, SitePrivacy
-from fedtune.privacy.accounting import calibrate_noise_multiplier, compute_epsilon
+from fedtune.privacy.accounting import compute_epsilon, planned_noise
 from fedtune.training.auto import noise_to_signal, resolve_train
 from fedtune.training.trainer import dp_sample_rate, steps_per_epoch
 
@@ -84,10 +84,7 @@ def plan_site(cfg: FedTuneConfig, site: str, examples: int,
     per_round = train.epochs * steps_per_epoch(examples, train.batch_size)
     total = per_round * fed.rounds
     prior = list(prior_history or [])
-    noise = privacy.noise_multiplier
-    if noise is None:
-        noise = calibrate_noise_multiplier(privacy.target_epsilon, privacy.target_delta, q, total,
-                                           privacy.accountant, prior_history=prior or None)
+    noise = planned_noise(privacy, q, total, prior)
     expected_batch = min(examples, train.batch_size)
     plan = SitePlan(
         site=site, examples=examples, batch_size=train.batch_size, batch_auto=resolved.batch_auto,

@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass
 
 from fedtune.config import PrivacyConfig, TrainConfig
-from fedtune.privacy.accounting import calibrate_noise_multiplier
+from fedtune.privacy.accounting import planned_noise
 
 AUTO = "auto"
 TARGET_NOISE_TO_SIGNAL = 0.012   # sigma / expected batch that auto aims for (module docstring)
@@ -60,10 +60,7 @@ def auto_batch_size(num_examples: int, privacy: PrivacyConfig, rounds: int, epoc
     if privacy.noise_multiplier is not None:  # fixed noise: no budget to trade, take the first
         return ladder[0]
     for b in ladder:
-        sigma = calibrate_noise_multiplier(
-            privacy.target_epsilon, privacy.target_delta, dp_sample_rate(num_examples, b),
-            rounds * epochs * steps_per_epoch(num_examples, b), privacy.accountant,
-        )
+        sigma = planned_noise(privacy, dp_sample_rate(num_examples, b), rounds * epochs * steps_per_epoch(num_examples, b))
         if sigma / b <= TARGET_NOISE_TO_SIGNAL:
             return b
     return ladder[-1]
