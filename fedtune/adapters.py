@@ -73,7 +73,7 @@ def list_to_arrays(names: list[str], values: list[np.ndarray]) -> "OrderedDict[s
 def pack(arrays: "list[np.ndarray]") -> "list[np.ndarray]":
     """The adapter as it travels in a Flower message: one flat array, its tensors one after the
     other in ``trainable_parameters`` order. Flower 1.42 makes every array of a message an object
-    of its own, pulled with a request of its own (a MiniLM adapter: 31 objects a message, 5 packed),
+    of its own, pulled with a request of its own (14 adapter arrays: 31 objects a message, 5 packed),
     and a deployed site waited 1-1.5 s for each message's objects (simulations/RESULTS.md
     section 8). Aggregation is element-wise, so averaging the packed arrays is averaging the
     tensors; SecAgg+ masks the one array as it masked the many."""

@@ -9,7 +9,8 @@ import psutil
 import pytest
 
 from simulations.benchmarks import (
-    ablation, audit, deploy_load, deploy_vs_sim, run_all, scale, secagg_cost, step_time, traffic, utility)
+    ablation, audit, deploy_load, deploy_vs_sim, run_all, scale, secagg_cost, secagg_shares, step_time, traffic,
+    utility)
 from simulations.benchmarks.common import SHARED_DATA, table
 from simulations.benchmarks.memory import PeakMemory
 
@@ -89,6 +90,16 @@ def test_secagg_cost_compares_round_times(tmp_path):
     assert result["sites"] == 3 and result["plain_round_s"] > 0 and result["secagg_round_s"] > 0
     assert result["ratio"] == pytest.approx(result["secagg_round_s"] / result["plain_round_s"])
     assert math.isfinite(result["ratio"])
+
+
+def test_secagg_shares_runs_flowers_protocol_with_each_share_rule_and_the_sites_checks(tmp_path):
+    secagg_shares.run("tiny", tmp_path)
+    results = _saved(tmp_path, "secagg_shares")["results"]
+    assert [(r["sites"], r["shares"]) for r in results] == [(4, 4), (4, 4), (8, 8), (8, 7)]
+    for r in results:  # every site accepted the threshold (else the round halts) and the sum is exact
+        assert r["shares"] / 2 < r["threshold"] < r["shares"]
+        assert r["max_error"] < 1e-4 and r["site_max_s"] >= r["site_mean_s"] > 0 and r["coordinator_s"] > 0
+    assert all(r["default"] for r in results if r["rule"] == "every site")  # 8 sites: up to 16 every site shares
 
 
 @pytest.mark.slow

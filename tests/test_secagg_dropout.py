@@ -1,26 +1,18 @@
 """SecAgg+ with sites that die mid-round and stay dead: Flower's real protocol (its workflow and
-its client mod) over an in-process grid that delivers each message to the site's ClientApp and
-drops every message to a dead site, as a SuperLink does once the site's deadline has passed."""
-
-import copy
+its client mod) over an in-process grid (simulations/benchmarks/secagg_shares.py: LoopbackGrid)
+that delivers each message to the site's ClientApp and drops every message to a dead site, as a
+SuperLink does once the site's deadline has passed."""
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app import Context
 from flwr.client import ClientApp, NumPyClient
 from flwr.client.mod import secaggplus_mod
-from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
-from flwr.compat.common import recorddict_compat as compat
-from flwr.server import LegacyContext, ServerConfig
-from flwr.server.client_manager import SimpleClientManager
-from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.strategy import FedAvg
 from flwr.server.workflow import SecAggPlusWorkflow
-from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
-from flwr.server.workflow.constant import Key as WorkflowKey
 
 from fedtune.server.secagg_workflow import ResilientSecAggPlusWorkflow
+from simulations.benchmarks.secagg_shares import LoopbackGrid, run_round
 
 SHAPE = (6, 5)
 
@@ -51,50 +43,11 @@ def _client_app(value, examples) -> ClientApp:
     return ClientApp(client_fn=client_fn, mods=[secaggplus_mod])
 
 
-class LoopbackGrid:
-    """``die``: node -> the SecAgg+ stage at which the site dies; it never answers again."""
-
-    def __init__(self, sites: dict, die: dict):
-        self.sites, self.die, self.dead = sites, dict(die), set()
-        self._app = _client_app
-        self.contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={})
-                         for n in sites}
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for msg in messages:
-            msg = copy.deepcopy(msg)  # each site gets its own copy, as over the network
-            node = msg.metadata.dst_node_id
-            stage = msg.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE]
-            if self.die.get(node) == stage:
-                self.dead.add(node)
-            if node in self.dead:
-                continue
-            try:
-                replies.append(self._app(*self.sites[node])(msg, self.contexts[node]))
-            except Exception as exc:  # the SuperNode answers with an error, as Flower does
-                replies.append(Message(Error(code=2, reason=f"{type(exc)}:<'{exc}'>"), reply_to=msg))
-        return replies
-
-
 def _run(workflow, sites, die, strategy_class=FedAvg):
-    grid = LoopbackGrid(sites, die)
-    manager = SimpleClientManager()
-    for node in sites:
-        manager.register(GridClientProxy(node, grid, 1))
+    grid = LoopbackGrid({node: _client_app(*site) for node, site in sites.items()}, die)
     strategy = strategy_class(fraction_fit=1.0, min_fit_clients=len(sites), min_available_clients=len(sites),
                               accept_failures=True)
-    ctx = LegacyContext(Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}),
-                        config=ServerConfig(num_rounds=1), strategy=strategy, client_manager=manager)
-    ctx.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: 1,
-                                                                 WorkflowKey.START_TIME: 0.0})
-    before = [np.zeros(SHAPE)]
-    ctx.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(ndarrays_to_parameters(before),
-                                                                                   True)
-    workflow(grid, ctx)
-    after = parameters_to_ndarrays(compat.arrayrecord_to_parameters(ctx.state.array_records[MAIN_PARAMS_RECORD],
-                                                                    keep_input=True))
-    return after[0]
+    return run_round(grid, workflow, [np.zeros(SHAPE)], strategy)[0]
 
 
 def _sites(n):

@@ -18,10 +18,11 @@ if __package__ in (None, ""):  # run as a file: make the `simulations.benchmarks
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from simulations.benchmarks import (  # noqa: E402
-    ablation, audit, deploy_load, deploy_vs_sim, scale, secagg_cost, step_time, traffic, utility)
+    ablation, audit, deploy_load, deploy_vs_sim, scale, secagg_cost, secagg_shares, step_time, traffic, utility)
 from simulations.benchmarks.common import RESULTS, log, machine, quiet_console  # noqa: E402
 
-BENCHMARKS = {"step_time": step_time, "traffic": traffic, "secagg_cost": secagg_cost, "scale": scale,
+BENCHMARKS = {"step_time": step_time, "traffic": traffic, "secagg_cost": secagg_cost, "secagg_shares": secagg_shares,
+              "scale": scale,
               "deploy_load": deploy_load, "deploy_vs_sim": deploy_vs_sim, "utility": utility, "ablation": ablation,
               "audit": audit}
 
