@@ -104,11 +104,12 @@ def run_train_local(cfg: FedTuneConfig, out_dir: Path) -> dict:
     for name, report in site.data.reports.items():
         log.info("%s data: %s", name, report.summary())
     total_steps = cfg.train.epochs * steps_per_epoch(n, cfg.train.batch_size)
-    noise = planned_noise(cfg.privacy, dp_sample_rate(n, cfg.train.batch_size), total_steps) if cfg.privacy.enabled else 0.0
+    q = dp_sample_rate(n, cfg.train.batch_size)
+    noise = planned_noise(cfg.privacy, q, total_steps) if cfg.privacy.enabled else 0.0
     if cfg.privacy.enabled:
         log.info(
             "DP-SGD: noise multiplier %.4f for %d steps at sample rate %.5f (target epsilon %.2f, delta %g, %s)",
-            noise, total_steps, dp_sample_rate(n, cfg.train.batch_size),
+            noise, total_steps, q,
             cfg.privacy.target_epsilon, cfg.privacy.target_delta, cfg.privacy.accountant,
         )
     trainer = LocalTrainer(

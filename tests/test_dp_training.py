@@ -200,7 +200,8 @@ def test_dp_training_at_epsilon_8_beats_chance(tiny_models, tmp_path):
     n = len(site.data.train)
     steps = cfg.train.epochs * steps_per_epoch(n, cfg.train.batch_size)
     trainer = LocalTrainer(site.model, site.data.train, site.collate, cfg.model.task, cfg.train, cfg.privacy,
-                           site.device, "fp32", noise_multiplier=planned_noise(cfg.privacy, dp_sample_rate(n, cfg.train.batch_size), steps),
+                           site.device, "fp32",
+                           noise_multiplier=planned_noise(cfg.privacy, dp_sample_rate(n, cfg.train.batch_size), steps),
                            sample_seed=2, noise_seed=1)  # fixed secrets: the test must not depend on luck
     result = trainer.train(steps)
     model = trainer.close()

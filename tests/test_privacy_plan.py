@@ -54,7 +54,7 @@ def test_plan_warns_about_a_delta_at_or_above_one_over_n(capsys):
 
 
 @pytest.mark.parametrize("examples, rounds, epsilon, accountant", [
-    (2000, 5, 8.0, "rdp"), (300, 3, 3.0, "rdp"), (800, 2, 8.0, "prv"), (120, 4, 1.0, "prv")])
+    (2000, 5, 8.0, "rdp"), (300, 3, 3.0, "rdp"), (120, 4, 1.0, "rdp"), (800, 2, 8.0, "prv")])
 def test_the_plan_train_local_auto_and_the_sites_budget_calibrate_the_same_noise(examples, rounds, epsilon,
                                                                                     accountant):
     """One calibration (fedtune/privacy/accounting.py: planned_noise) behind every place that

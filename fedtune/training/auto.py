@@ -60,7 +60,8 @@ def auto_batch_size(num_examples: int, privacy: PrivacyConfig, rounds: int, epoc
     if privacy.noise_multiplier is not None:  # fixed noise: no budget to trade, take the first
         return ladder[0]
     for b in ladder:
-        sigma = planned_noise(privacy, dp_sample_rate(num_examples, b), rounds * epochs * steps_per_epoch(num_examples, b))
+        steps = rounds * epochs * steps_per_epoch(num_examples, b)
+        sigma = planned_noise(privacy, dp_sample_rate(num_examples, b), steps)
         if sigma / b <= TARGET_NOISE_TO_SIGNAL:
             return b
     return ladder[-1]
