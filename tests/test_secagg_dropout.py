@@ -43,8 +43,18 @@ def _client_app(value, examples) -> ClientApp:
     return ClientApp(client_fn=client_fn, mods=[secaggplus_mod])
 
 
+class SiteGrid(LoopbackGrid):
+    """The loopback grid with each site (value, examples) answering through ``make_app``
+    (tests/test_secagg_site_policy.py swaps in fedtune's own SecAgg+ mod)."""
+
+    make_app = staticmethod(_client_app)
+
+    def __init__(self, sites, die):
+        super().__init__({node: self.make_app(*site) for node, site in sites.items()}, die)
+
+
 def _run(workflow, sites, die, strategy_class=FedAvg):
-    grid = LoopbackGrid({node: _client_app(*site) for node, site in sites.items()}, die)
+    grid = SiteGrid(sites, die)
     strategy = strategy_class(fraction_fit=1.0, min_fit_clients=len(sites), min_available_clients=len(sites),
                               accept_failures=True)
     return run_round(grid, workflow, [np.zeros(SHAPE)], strategy)[0]

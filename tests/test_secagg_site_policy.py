@@ -16,7 +16,7 @@ from fedtune.client.mods import secure_aggregation_mod
 from fedtune.client.secagg_policy import SecAggRefusal, check_secagg_message
 from fedtune.federation.secagg_masks import CONFIG_KEY, GENERATOR, secure_rand_gen
 
-from test_secagg_dropout import LoopbackGrid, _Site, _mean, _resilient, _run, _sites, server_identity  # noqa: F401
+from test_secagg_dropout import SiteGrid, _Site, _mean, _resilient, _run, _sites, server_identity  # noqa: F401
 
 
 # -- the mask generator -----------------------------------------------------------------------------
@@ -125,16 +125,17 @@ def test_a_site_may_demand_more_neighbours():
 
 # -- end to end on Flower's protocol code -----------------------------------------------------------
 
-class _FedtuneSites(LoopbackGrid):
+class _FedtuneSites(SiteGrid):
     """Each site runs fedtune's SecAgg+ mod (its rules, then Flower's mod) as a simulated site."""
+
+    make_app = staticmethod(lambda value, examples: ClientApp(client_fn=lambda ctx: _Site(value, examples).to_client(),
+                                                              mods=[secure_aggregation_mod]))
 
     def __init__(self, sites, die):
         super().__init__(sites, die)
         for i, node in enumerate(sites):
             self.contexts[node] = Context(run_id=1, node_id=node, state=RecordDict(), run_config={},
                                           node_config={"partition-id": i, "num-partitions": len(sites)})
-        self._app = lambda value, examples: ClientApp(client_fn=lambda ctx: _Site(value, examples).to_client(),
-                                                      mods=[secure_aggregation_mod])
 
 
 @pytest.mark.parametrize("stage", [None, "setup", "share_keys", "collect_masked_vectors"])
@@ -143,7 +144,7 @@ def test_fedtunes_coordinator_and_sites_aggregate_the_exact_mean_also_when_a_sit
     (at setup its neighbours see fewer keys than shares) and the others still aggregate."""
     import test_secagg_dropout
 
-    monkeypatch.setattr(test_secagg_dropout, "LoopbackGrid", _FedtuneSites)
+    monkeypatch.setattr(test_secagg_dropout, "SiteGrid", _FedtuneSites)
     sites, halts = _sites(4), []
     got = _run(_resilient(halts, 4, 3), sites, {102: stage} if stage else {})
     assert halts == []
@@ -156,7 +157,7 @@ def test_a_coordinator_with_another_mask_generator_gets_refusals_not_a_wrong_sum
     stops, and the model is unchanged (a silently wrong sum is what a mismatch would give)."""
     import test_secagg_dropout
 
-    monkeypatch.setattr(test_secagg_dropout, "LoopbackGrid", _FedtuneSites)
+    monkeypatch.setattr(test_secagg_dropout, "SiteGrid", _FedtuneSites)
     sites = _sites(4)
     got = _run(SecAggPlusWorkflow(num_shares=4, reconstruction_threshold=3, max_weight=1024.0, timeout=5), sites, {})
     assert np.array_equal(got, np.zeros_like(got))
@@ -175,7 +176,7 @@ def test_at_20_sites_each_site_shares_keys_with_a_log_sized_neighbourhood_and_th
     fed = load_config(None, ["federation.sites=20"]).federation
     settings = secagg_settings(fed, [np.zeros(3, np.float32)], 50)
     assert (settings.num_shares, settings.reconstruction_threshold) == (11, 8)
-    monkeypatch.setattr(test_secagg_dropout, "LoopbackGrid", _FedtuneSites)
+    monkeypatch.setattr(test_secagg_dropout, "SiteGrid", _FedtuneSites)
     sites, halts = _sites(20), []
     got = _run(_resilient(halts, settings.num_shares, settings.reconstruction_threshold), sites,
                {105: "collect_masked_vectors"})
