@@ -90,13 +90,13 @@ def add_deployment_commands(sub) -> None:
 
 
 def _heartbeat(text: str) -> float:
-    from fedtune.deployment.supernode_pace import MAX_HEARTBEAT_SECONDS, MIN_HEARTBEAT_SECONDS
+    """--heartbeat-interval, checked before anything starts (the SuperNode checks it again)."""
+    from fedtune.deployment.supernode_pace import check_heartbeat
 
-    seconds = float(text)
-    if not MIN_HEARTBEAT_SECONDS <= seconds <= MAX_HEARTBEAT_SECONDS:
-        raise argparse.ArgumentTypeError(f"{text}: between {MIN_HEARTBEAT_SECONDS:g} and {MAX_HEARTBEAT_SECONDS:g} "
-                                         "seconds (what Flower's SuperLink accepts)")
-    return seconds
+    try:
+        return check_heartbeat(float(text))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _verbose(p) -> None:

@@ -105,13 +105,19 @@ def check_heartbeat_pinned() -> None:
                                "reinstall the pinned flwr")
 
 
+def check_heartbeat(seconds: float) -> float:
+    """``seconds`` if Flower's SuperLink accepts it as a heartbeat interval, else ValueError."""
+    if not MIN_HEARTBEAT_SECONDS <= seconds <= MAX_HEARTBEAT_SECONDS:
+        raise ValueError(f"--heartbeat-interval {seconds:g}: must be between {MIN_HEARTBEAT_SECONDS:g} and "
+                         f"{MAX_HEARTBEAT_SECONDS:g} seconds (what Flower's SuperLink accepts)")
+    return seconds
+
+
 def set_heartbeat(seconds: float) -> None:
     """This SuperNode's node heartbeat: reported to the SuperLink, and the pace of its sender."""
     import importlib
 
-    if not MIN_HEARTBEAT_SECONDS <= seconds <= MAX_HEARTBEAT_SECONDS:
-        raise ValueError(f"--heartbeat-interval {seconds:g}: must be between {MIN_HEARTBEAT_SECONDS:g} and "
-                         f"{MAX_HEARTBEAT_SECONDS:g} seconds (what Flower's SuperLink accepts)")
+    check_heartbeat(seconds)
     check_heartbeat_pinned()
     for name in PINNED_HEARTBEAT_LINES:
         importlib.import_module(name).HEARTBEAT_DEFAULT_INTERVAL = seconds
