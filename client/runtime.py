@@ -24,7 +24,7 @@ from fedtune.data.membership import split_rows
 from fedtune.data.site import data_columns, encode_rows
 from fedtune.data.units import UnitReport, bound_units, duplicate_report
 from fedtune.local import Site, seed_everything
-from fedtune.model import build_model, load_tokenizer, resolve_device
+from fedtune.model import build_model, load_tokenizer, resolve_device, uses_chat_template
 from fedtune.privacy.ledger import dataset_fingerprint
 from fedtune.training.precision import resolve_precision
 from fedtune.training.auto import resolve_train
@@ -190,7 +190,8 @@ def _build(config_toml: str, settings: SiteSettings, state_folder: Optional[Path
     )
     label_map = LabelMap(cfg.data.labels) if cfg.data.labels else None
     rows, test = _split(cfg, settings, rows, source, state_folder)
-    mk = lambda df: encode_rows(df, cols, cfg.model.task, tokenizer, cfg.model.max_length, label_map, source)  # noqa: E731
+    chat = uses_chat_template(cfg.model, tokenizer)
+    mk = lambda df: encode_rows(df, cols, cfg.model.task, tokenizer, cfg.model.max_length, label_map, source, chat)  # noqa: E731
     data = SiteData(
         train=mk(rows),
         eval=mk(test) if test is not None else None,

@@ -95,10 +95,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="where to write the page (default: RUN_DIR/report.html)")
     p.set_defaults(func=_cmd_report)
 
+    p = sub.add_parser("generate", help="answer prompts with a base model plus an exported causal-lm adapter "
+                       "(greedy; --compare also shows the base model's answers)")
+    p.add_argument("--adapter", type=Path, required=True,
+                   help="a PEFT adapter folder: train-local's OUT/adapter or a run's final_adapter")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", type=Path, help="a text file, one prompt per line")
+    p.add_argument("--model", help="the base model (default: the one the adapter folder records), e.g. smollm2")
+    p.add_argument("--gguf-file", help="with --model FOLDER: the GGUF file in it")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--compare", action="store_true", help="also answer with the base model alone (LoRA off)")
+    p.add_argument("--no-chat-template", action="store_true",
+                   help="send prompts as plain text even where the tokenizer has a chat template")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.set_defaults(func=_cmd_generate)
+
     from fedtune.deployment.commands import add_deployment_commands
 
     add_deployment_commands(sub)
     return parser
+
+
+def _cmd_generate(args) -> int:
+    from fedtune.generate import Generator, adapter_model_config, read_prompts
+
+    prompts = read_prompts(args.prompt, args.prompts_file)
+    cfg = adapter_model_config(args.adapter, args.model, args.gguf_file)
+    gen = Generator(cfg, args.adapter, args.device, chat=False if args.no_chat_template else None)
+    tuned = gen.answer(prompts, args.max_new_tokens)
+    base = gen.answer(prompts, args.max_new_tokens, adapter=False) if args.compare else None
+    for i, (prompt, answer) in enumerate(zip(prompts, tuned)):
+        print(f"prompt: {prompt}")
+        if base is not None:
+            print(f"base:   {base[i]}")
+        print(f"tuned:  {answer}\n")
+    return 0
 
 
 def _cmd_report(args) -> int:

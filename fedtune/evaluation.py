@@ -1,10 +1,12 @@
-"""Evaluation: accuracy, macro-F1 and loss for classification; loss and perplexity for causal LM."""
+"""Evaluation: accuracy, macro-F1 and loss for classification; loss and perplexity for causal LM;
+exact match and macro-F1 over label words for generated answers."""
 
 from __future__ import annotations
 
 import math
+import unicodedata
 from contextlib import contextmanager
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -119,3 +121,33 @@ def row_values(
     if task == "sequence-classification":
         values["correct"] = np.concatenate(correct) if correct else np.zeros(0)
     return values
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, punctuation and articles removed, whitespace collapsed (SQuAD's normalization)."""
+    text = "".join(" " if unicodedata.category(ch).startswith("P") else ch for ch in text.lower())
+    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+
+
+def answer_scores(answers: list[str], references: list[str], label_words: Optional[list[str]] = None) -> dict:
+    """Generated answers against reference responses: ``exact_match`` after normalization and,
+    with ``label_words`` (a classification task asked as instructions), ``f1``: macro-F1 over the
+    labels, an answer counting as the first label word it starts with (none: wrong for every class)."""
+    if len(answers) != len(references):
+        raise ValueError(f"{len(answers)} answers but {len(references)} references")
+    norm_ans, norm_ref = [normalize_answer(a) for a in answers], [normalize_answer(r) for r in references]
+    scores = {"exact_match": float(np.mean([a == r for a, r in zip(norm_ans, norm_ref)])) if answers else 0.0,
+              "examples": len(answers)}
+    if label_words and answers:
+        words = [normalize_answer(w) for w in label_words]
+
+        def label_of(answer: str) -> int:
+            return next((i for i, w in enumerate(words) if answer == w or answer.startswith(w + " ")), -1)
+
+        from sklearn.metrics import f1_score
+
+        y_true, y_pred = [label_of(r) for r in norm_ref], [label_of(a) for a in norm_ans]
+        scores["f1"] = float(f1_score(y_true, y_pred, labels=list(range(len(words))), average="macro",
+                                      zero_division=0))
+        scores["label_match"] = float(np.mean([p == t for p, t in zip(y_pred, y_true)]))
+    return scores

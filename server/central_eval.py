@@ -16,7 +16,7 @@ from fedtune.data.site import encode_rows
 from fedtune.evaluation import evaluate
 from fedtune.io_utils import atomic_replace_dir
 from fedtune.local import save_adapter, seed_everything
-from fedtune.model import ModelLoadError, build_model, load_tokenizer, resolve_device
+from fedtune.model import ModelLoadError, build_model, load_tokenizer, resolve_device, uses_chat_template
 
 
 class CentralEvaluator:
@@ -36,7 +36,7 @@ class CentralEvaluator:
                                  "transformers model cannot carry the mean-pooling head (the PEFT adapter export "
                                  "loads with fedtune's own model loader)")
         self.dataset = encode_rows(rows, columns, cfg.model.task, self.tokenizer, cfg.model.max_length, label_map,
-                                   source)
+                                   source, uses_chat_template(cfg.model, self.tokenizer))
         self.collate = pad_collate(self.tokenizer.pad_token_id)
         self.names = list(get_adapter_arrays(self.model).keys())
 
@@ -54,7 +54,7 @@ class CentralEvaluator:
     def export(self, arrays: list[np.ndarray], folder: Path) -> None:
         """The adapter in PEFT format (PeftModel.from_pretrained loads it)."""
         set_adapter_arrays(self.model, self.named(arrays))
-        save_adapter(self.model, folder)
+        save_adapter(self.model, folder, self.cfg.model)
 
     def export_merged(self, arrays: list[np.ndarray], folder: Path) -> None:
         """The base model with the adapter merged in, as a plain transformers model."""

@@ -1,4 +1,5 @@
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -8,6 +9,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+# GGUF models are dequantized into this session's own cache, never into the user's ~/.cache.
+os.environ.setdefault("FEDTUNE_MODEL_CACHE", tempfile.mkdtemp(prefix="fedtune-test-model-cache-"))
 
 from fedtune import tiny  # noqa: E402
 
@@ -23,6 +26,8 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
             "bert": tiny.make_tiny_bert(root / "bert"),
             "gpt2": tiny.make_tiny_gpt2(root / "gpt2"),
             "llama": tiny.make_tiny_llama(root / "llama"),
+            # A path to a .gguf file is a model name: dequantized once, then loaded as a folder.
+            "gguf-llama": tiny.make_tiny_gguf(root / "gguf-llama"),
         }
 
 

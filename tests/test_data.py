@@ -202,19 +202,32 @@ def test_causal_appends_eos_when_it_fits_and_pads_labels(tok):
     assert y[0].tolist()[-1] == -100 and m[0].tolist() == [1, 1, 1, 0]
 
 
-def test_prompt_response_masks_prompt_and_drops_truncated(tok):
-    prompts = ["what is two plus two", "hello", "what is two plus four the answer"]
-    responses = ["four", "world good", "four"]
+def test_prompt_response_masks_prompt_and_cuts_the_prompt_middle_first(tok):
+    prompts = ["what is two plus two", "hello", "what is two plus four the answer", "hello"]
+    responses = ["four", "world good", "four", "what is two plus four the answer"]
     ds = encode_prompt_response(prompts, responses, tok, max_length=6)
     ids = tok.convert_tokens_to_ids
     eos = tok.eos_token_id
-    assert len(ds) == 2 and ds.dropped == 1 and ds.rows == [1, 2]  # 3rd: prompt fills max_length
+    assert len(ds) == 4 and ds.dropped == 0 and ds.rows == [1, 2, 3, 4]
+    assert (ds.prompts_cut, ds.responses_cut) == (2, 1)
+    # 1st: 5 prompt + 2 response tokens > 6: the prompt loses its middle, the response stays whole.
     x, _, y = ds[0]
-    assert x.tolist() == ids("what is two plus two".split()) + [ids("four")]  # EOS cut off
-    assert y.tolist() == [-100] * 5 + [ids("four")]
-    x, _, y = ds[1]
+    assert x.tolist() == ids("what is plus two four".split()) + [eos]
+    assert y.tolist() == [-100] * 4 + [ids("four"), eos]
+    x, _, y = ds[1]  # fits: unchanged
     assert y.tolist() == [-100, ids("world"), ids("good"), eos]
     assert x.tolist()[1:] == y.tolist()[1:]
+    x, _, _ = ds[2]  # the prompt keeps its start and its end (instruction, question)
+    assert x.tolist() == ids("what is the answer four".split()) + [eos]
+    x, _, y = ds[3]  # a short prompt stays whole; the long response loses its end (and EOS)
+    assert x.tolist() == ids("hello what is two plus four".split())
+    assert y.tolist()[0] == -100 and eos not in y.tolist()
+    assert ds.fit_summary(6) == ("to fit model.max_length = 6: 2 prompts cut in the middle, "
+                                 "1 responses cut at the end")
+    # A prompt longer than the room keeps at least half of it; no room at all drops the row.
+    ds = encode_prompt_response(["what is two plus four the answer"], ["what is two plus four"], tok, max_length=4)
+    assert ds[0][0].tolist() == ids("what answer what is".split())
+    assert encode_prompt_response(["hello"], ["four"], tok, max_length=1).dropped == 1
 
 
 # ---------------------------------------------------------------- demo

@@ -40,20 +40,28 @@ def _rel(got, want, scale=None):
     return float((got - want).norm() / ((want.norm() if scale is None else scale) + 1e-12))
 
 
+# The GGUF Llama (SmolLM2's layout, dequantized): LoRA on every attention and MLP projection,
+# A trained too, so every LoRA tensor of the architecture gets its per-sample gradient checked.
+LLAMA_ALL = ['lora.target_modules=["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj"]',
+             "lora.freeze_a=false"]
+
+
 @pytest.mark.parametrize(
-    "arch, task, precision, rtol",
+    "arch, task, precision, rtol, extra",
     [
-        ("bert", "sequence-classification", "fp32", 1e-4),
-        ("gpt2", "causal-lm", "fp32", 1e-4),
-        ("llama", "causal-lm", "fp32", 1e-4),
-        ("bert", "sequence-classification", "bf16", 5e-2),
-        ("bert", "sequence-classification", "fp16", 1e-2),
-        ("gpt2", "causal-lm", "fp16", 1e-2),
+        ("bert", "sequence-classification", "fp32", 1e-4, []),
+        ("gpt2", "causal-lm", "fp32", 1e-4, []),
+        ("llama", "causal-lm", "fp32", 1e-4, []),
+        ("gguf-llama", "causal-lm", "fp32", 1e-4, LLAMA_ALL),
+        ("bert", "sequence-classification", "bf16", 5e-2, []),
+        ("bert", "sequence-classification", "fp16", 1e-2, []),
+        ("gpt2", "causal-lm", "fp16", 1e-2, []),
     ],
 )
-def test_noise_free_dp_step_equals_clipped_per_sample_average(tiny_models, separable_files, arch, task, precision, rtol):
+def test_noise_free_dp_step_equals_clipped_per_sample_average(tiny_models, separable_files, arch, task, precision, rtol,
+                                                               extra):
     cfg = tiny_config(tiny_models[arch], separable_files["train"], task=task,
-                      overrides=[f"privacy.max_grad_norm={MAX_NORM}", "train.learning_rate=1e-2"])
+                      overrides=[f"privacy.max_grad_norm={MAX_NORM}", "train.learning_rate=1e-2", *extra])
     site = prepare_site(cfg)
     batch = site.collate([site.data.train[i] for i in range(6)])
     # Make LoRA B non-zero so that every tensor (A included) has a gradient.

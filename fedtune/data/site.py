@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Optional
 
@@ -20,6 +21,8 @@ from fedtune.data.tokenization import (
     encode_classification,
     encode_prompt_response,
 )
+
+log = logging.getLogger(__name__)
 
 CLASSIFICATION = "sequence-classification"
 CAUSAL = "causal-lm"
@@ -66,14 +69,19 @@ def hold_out(df: pd.DataFrame, fraction: float, seed: int, source: str) -> tuple
     return df.iloc[np.sort(order[n_eval:])], df.iloc[np.sort(order[:n_eval])]
 
 
-def encode_rows(df, cols, task, tokenizer, max_length, label_map, source) -> TokenizedDataset:
+def encode_rows(df, cols, task, tokenizer, max_length, label_map, source, chat: bool = False) -> TokenizedDataset:
+    """Rows -> tokenized examples; ``chat``: prompts in the tokenizer's chat template."""
     rows = df[ROW].tolist()
     if task == CLASSIFICATION:
         ids = label_map.encode(df[cols[1]], rows, source, cols[1])
         return encode_classification(df[cols[0]].tolist(), ids, tokenizer, max_length, rows)
     if len(cols) == 2:
-        return encode_prompt_response(df[cols[0]].tolist(), df[cols[1]].tolist(), tokenizer, max_length, rows)
-    return encode_causal(df[cols[0]].tolist(), tokenizer, max_length, rows)
+        ds = encode_prompt_response(df[cols[0]].tolist(), df[cols[1]].tolist(), tokenizer, max_length, rows, chat)
+    else:
+        ds = encode_causal(df[cols[0]].tolist(), tokenizer, max_length, rows)
+    if (summary := ds.fit_summary(max_length)) is not None:
+        log.info("%s: %s", source, summary)
+    return ds
 
 
 def load_site_data(
@@ -83,6 +91,7 @@ def load_site_data(
     max_length: int,
     seed: int = 0,
     label_map: Optional[LabelMap] = None,
+    chat: bool = False,
 ) -> SiteData:
     cols = data_columns(cfg, task)
     train_raw, eval_raw, train_src, eval_src = load_rows(cfg, task, seed)
@@ -97,8 +106,8 @@ def load_site_data(
         eval_report = CleaningReport(rows_read=len(eval_df), rows_kept=len(eval_df))
         train_report = train_report.model_copy(update={"held_out": len(eval_df), "rows_kept": len(train)})
     return SiteData(
-        train=encode_rows(train, cols, task, tokenizer, max_length, label_map, train_src),
-        eval=encode_rows(eval_df, cols, task, tokenizer, max_length, label_map, eval_src),
+        train=encode_rows(train, cols, task, tokenizer, max_length, label_map, train_src, chat),
+        eval=encode_rows(eval_df, cols, task, tokenizer, max_length, label_map, eval_src, chat),
         label_map=label_map if task == CLASSIFICATION else None,
         reports={"train": train_report, "eval": eval_report},
     )

