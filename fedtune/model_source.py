@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fcntl
 import hashlib
 import io
 import importlib.util
@@ -101,26 +102,26 @@ def _sha256(path: Path) -> str:
 
 
 def dense_folder(gguf: Path, cache: Optional[Path] = None) -> Path:
-    """The dequantized model of ``gguf`` as a transformers folder; converted on first use."""
+    """The dequantized model of ``gguf`` as a transformers folder; converted on first use. Processes
+    that start together (simulated sites) take turns on a lock: one converts, the others read it."""
     digest = file_digest(gguf)
     folder = (cache or cache_root()) / f"{gguf.stem}-{digest[:16]}"
     if (folder / MARKER).is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    log.info("dequantizing %s once into %s (later loads read the dense copy)", gguf.name, folder)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        _convert(gguf, tmp)
-        (tmp / MARKER).write_text(json.dumps({"source": str(gguf), "sha256": digest}, indent=1) + "\n")
-        if folder.exists():  # an incomplete folder from a crash: replaced
-            shutil.rmtree(folder, ignore_errors=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (folder / MARKER).is_file():  # converted while this process waited
+            return folder
+        log.info("dequantizing %s once into %s (later loads read the dense copy)", gguf.name, folder)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         try:
+            _convert(gguf, tmp)
+            (tmp / MARKER).write_text(json.dumps({"source": str(gguf), "sha256": digest}, indent=1) + "\n")
+            shutil.rmtree(folder, ignore_errors=True)  # what a crashed conversion left (no marker)
             os.rename(tmp, folder)
-        except OSError:  # another process converted it at the same time: keep theirs
-            if not (folder / MARKER).is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

@@ -48,7 +48,7 @@ def test_gguf_is_dequantized_once_into_the_cache_and_loads_dense(gguf_file, cach
     cfg = _cfg(gguf_file)
     tok = load_tokenizer(cfg)
     model = build_model(cfg, LoraConfig(target_modules=ALL_PROJECTIONS), tok)
-    folders = list(cache.iterdir())
+    folders = [p for p in cache.iterdir() if not p.name.startswith(".")]  # and the lock file
     assert len(folders) == 1 and (folders[0] / model_source.MARKER).is_file()
     assert (folders[0] / "model.safetensors").is_file() and (folders[0] / "tokenizer_config.json").is_file()
     assert folders[0].name.startswith(gguf_file.stem)
@@ -144,6 +144,23 @@ def test_an_incomplete_cache_folder_is_converted_again(gguf_file, cache):
     assert model_source.dense_folder(gguf_file) == folder and (folder / model_source.MARKER).is_file()
     cfg = _cfg(gguf_file)
     build_model(cfg, LoraConfig(), load_tokenizer(cfg))  # loads: the broken file was replaced
+
+
+def test_sites_starting_together_convert_once(gguf_file, cache, monkeypatch):
+    """Simulated sites load the model at the same moment: one converts, the others wait and read it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    calls, convert = [], model_source._convert
+
+    def counted(*args):
+        calls.append(1)
+        time.sleep(0.3)  # long enough for the others to arrive while it converts
+        convert(*args)
+
+    monkeypatch.setattr(model_source, "_convert", counted)
+    with ThreadPoolExecutor(3) as pool:
+        folders = list(pool.map(lambda _: model_source.dense_folder(gguf_file), range(3)))
+    assert len(set(folders)) == 1 and len(calls) == 1 and (folders[0] / model_source.MARKER).is_file()
 
 
 def test_generate_answers_with_the_exported_adapter_and_the_base(gguf_file, cache, tmp_path, capsys):
