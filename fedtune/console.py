@@ -35,12 +35,14 @@ def _mb(counts: Optional[dict]) -> float:
 
 
 def format_round(record: dict, rounds: int) -> str:
-    """One line: central accuracy / F1 / loss (or perplexity; exact, the coordinator's own rows),
+    """One line: central accuracy / F1 / loss (or exact match of generated answers and perplexity;
+    exact, the coordinator's own rows),
     federated accuracy (the sites' noised answers), the largest and smallest site epsilon, MB sent
     (both ways), seconds."""
     central, fed = record.get("central") or {}, record.get("federated") or {}
     parts = []
-    for key, label in (("accuracy", "acc"), ("f1", "f1"), ("loss", "loss"), ("perplexity", "ppl")):
+    for key, label in (("accuracy", "acc"), ("exact_match", "em"), ("f1", "f1"), ("loss", "loss"),
+                       ("perplexity", "ppl")):
         if isinstance(central.get(key), (int, float)):
             parts.append(f"{label} {central[key]:.3f}")
     fed_key = "perplexity" if "perplexity" in fed else "accuracy"

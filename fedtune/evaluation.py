@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fedtune.adapters import unwrap
-from fedtune.training.losses import IGNORE_INDEX
+from fedtune.training.losses import causal_lm_loss, causal_lm_token_losses
 from fedtune.training.precision import autocast
 
 
@@ -72,15 +72,10 @@ def _causal_lm(model, loader, device, precision) -> dict[str, float]:
     nll_sum, tokens, n = 0.0, 0, 0
     for input_ids, attention_mask, labels in loader:
         with autocast(precision, device):
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-        logits = logits.float().cpu()[:, :-1, :]
-        target = labels[:, 1:]
-        nll_sum += float(
-            torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-            )
-        )
-        tokens += int((target != IGNORE_INDEX).sum())
+            token_loss, _ = causal_lm_token_losses(model, input_ids.to(device), attention_mask.to(device),
+                                                   labels.to(device))
+        nll_sum += float(token_loss.sum())
+        tokens += token_loss.numel()
         n += len(labels)
     loss = nll_sum / max(tokens, 1)
     return {"loss": loss, "perplexity": float(math.exp(min(loss, 50.0))), "examples": n}
@@ -105,18 +100,16 @@ def row_values(
     correct: list[np.ndarray] = []  # classification: per-row 0/1
     with _in_eval_mode(model) as model:
         for input_ids, attention_mask, labels in loader:
+            if task != "sequence-classification":  # each row's mean token loss
+                with autocast(precision, device):
+                    loss = causal_lm_loss(model, input_ids.to(device), attention_mask.to(device), labels.to(device))
+                out.append(loss.float().cpu().numpy())
+                continue
             with autocast(precision, device):
                 logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
             logits = logits.float().cpu()
-            if task == "sequence-classification":
-                correct.append((logits.argmax(dim=-1) == labels).numpy().astype(float))
-                out.append(torch.nn.functional.cross_entropy(logits, labels, reduction="none").numpy())
-                continue
-            logits, target = logits[:, :-1, :], labels[:, 1:]
-            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE_INDEX,
-                                                    reduction="none")
-            tokens = (target != IGNORE_INDEX).sum(dim=1).clamp(min=1)
-            out.append((nll.sum(dim=1) / tokens).numpy())
+            correct.append((logits.argmax(dim=-1) == labels).numpy().astype(float))
+            out.append(torch.nn.functional.cross_entropy(logits, labels, reduction="none").numpy())
     values = {"loss": np.concatenate(out) if out else np.zeros(0)}
     if task == "sequence-classification":
         values["correct"] = np.concatenate(correct) if correct else np.zeros(0)
@@ -151,3 +144,47 @@ def answer_scores(answers: list[str], references: list[str], label_words: Option
                                       zero_division=0))
         scores["label_match"] = float(np.mean([p == t for p, t in zip(y_pred, y_true)]))
     return scores
+
+
+@torch.no_grad()
+def generate_answers(model: torch.nn.Module, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
+                     device: torch.device, precision: str = "fp32", batch_size: int = 8) -> list[str]:
+    """Greedy answers to already formatted prompts (``PromptFormat.build``), left-padded in batches."""
+    pad, answers = tokenizer.pad_token_id, []
+    with _in_eval_mode(model) as model:
+        for start in range(0, len(prompt_ids), batch_size):
+            batch = prompt_ids[start:start + batch_size]
+            width = max(len(ids) for ids in batch)
+            input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=device)
+            mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
+            with autocast(precision, device):
+                out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                     do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+            answers += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+    return answers
+
+
+def generation_scores(model: torch.nn.Module, tokenizer, dataset, eval_cfg, max_length: int,
+                      device: torch.device, precision: str = "fp32") -> tuple[dict, list[dict]]:
+    """Evaluation by generation of prompt/response rows (``eval`` config section): the first
+    ``max_rows`` prompts answered greedily; ``exact_match`` and, where the responses are at most
+    ``max_label_words`` distinct values, ``f1`` (macro) and ``label_match`` over them; plus the
+    first ``samples`` prompts with their answers. Nothing where the rows are not prompt/response
+    or ``eval.generate = false``."""
+    from fedtune.data.tokenization import PromptFormat
+
+    texts = getattr(dataset, "texts", None) or []
+    if eval_cfg.generate is False or not texts:
+        return {}, []
+    rows = texts[:eval_cfg.max_rows]
+    fmt = PromptFormat(tokenizer, dataset.chat)
+    room = max(1, max_length - fmt.overhead)
+    prompts = [fmt.build(ids, room) for ids in fmt.content([p for p, _ in rows])]
+    answers = generate_answers(model, tokenizer, prompts, eval_cfg.max_new_tokens, device, precision)
+    references = [r for _, r in rows]
+    words = sorted({normalize_answer(r) for _, r in texts})
+    scores = answer_scores(answers, references, words if len(words) <= eval_cfg.max_label_words else None)
+    scores["generated"] = scores.pop("examples")
+    samples = [{"prompt": p, "answer": a, "reference": r}
+               for (p, r), a in zip(rows[:eval_cfg.samples], answers)]
+    return scores, samples

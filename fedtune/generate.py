@@ -11,13 +11,11 @@ import json
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from fedtune.config import ConfigError, ModelConfig
 from fedtune.data.tokenization import PromptFormat
+from fedtune.evaluation import generate_answers
 from fedtune.local import MODEL_NOTE
 from fedtune.model import ModelLoadError, load_base_model, load_tokenizer, resolve_device, uses_chat_template
-
 
 def adapter_model_config(adapter: Path, model: Optional[str] = None, gguf_file: Optional[str] = None) -> ModelConfig:
     """The base model's config: ``--model`` where given, else what the adapter folder records."""
@@ -37,7 +35,6 @@ def adapter_model_config(adapter: Path, model: Optional[str] = None, gguf_file: 
         raise ModelLoadError(f"{adapter}: the adapter does not name its base model: pass --model")
     return cfg
 
-
 class Generator:
     """A base model with (optionally) an adapter, answering prompts greedily."""
 
@@ -54,32 +51,15 @@ class Generator:
         use_chat = uses_chat_template(cfg, self.tokenizer) if chat is None else chat
         self.format = PromptFormat(self.tokenizer, use_chat)
 
-    @torch.no_grad()
     def answer(self, prompts: list[str], max_new_tokens: int = 64, adapter: bool = True,
                batch_size: int = 8) -> list[str]:
         """Greedy answers, one per prompt; ``adapter=False``: the base model's (same weights, LoRA off)."""
-        max_prompt = max(1, self.cfg.max_length - self.format.overhead)
-        answers: list[str] = []
-        for start in range(0, len(prompts), batch_size):
-            batch = [self.format.build(c, max_prompt) for c in self.format.content(prompts[start:start + batch_size])]
-            answers += self._generate(batch, max_new_tokens, adapter)
-        return answers
-
-    def _generate(self, batch: list[list[int]], max_new_tokens: int, adapter: bool) -> list[str]:
-        width = max(len(ids) for ids in batch)
-        pad = self.tokenizer.pad_token_id
-        # Left-padded, so every prompt ends where generation starts.
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=self.device)
-        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=self.device)
-        kwargs = dict(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                      pad_token_id=pad, eos_token_id=self.tokenizer.eos_token_id)
+        room = max(1, self.cfg.max_length - self.format.overhead)
+        ids = [self.format.build(c, room) for c in self.format.content(prompts)]
         if adapter or not hasattr(self.model, "disable_adapter"):
-            out = self.model.generate(**kwargs)
-        else:
-            with self.model.disable_adapter():
-                out = self.model.generate(**kwargs)
-        return [self.tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
-
+            return generate_answers(self.model, self.tokenizer, ids, max_new_tokens, self.device, batch_size=batch_size)
+        with self.model.disable_adapter():
+            return generate_answers(self.model, self.tokenizer, ids, max_new_tokens, self.device, batch_size=batch_size)
 
 def read_prompts(prompt: Optional[list[str]], prompts_file: Optional[Path]) -> list[str]:
     prompts = list(prompt or [])

@@ -16,7 +16,7 @@ import torch
 
 from fedtune.config import FedTuneConfig, ModelConfig, save_config
 from fedtune.data import LabelMap, SiteData, load_site_data, pad_collate
-from fedtune.evaluation import evaluate
+from fedtune.evaluation import evaluate, generation_scores
 from fedtune.io_utils import atomic_replace_dir, atomic_write_json
 from fedtune.model import build_model, load_tokenizer, resolve_device, uses_chat_template
 from fedtune.privacy.accounting import AccountantHistory, PrivacySpend, planned_noise
@@ -43,6 +43,7 @@ class Site:
     collate: object
     device: torch.device
     precision: str
+    tokenizer: object = None
 
     @property
     def label_map(self) -> Optional[LabelMap]:
@@ -58,7 +59,7 @@ def prepare_site(cfg: FedTuneConfig, label_map: Optional[LabelMap] = None) -> Si
                           uses_chat_template(cfg.model, tokenizer))
     id2label = dict(enumerate(data.label_map.labels)) if data.label_map is not None else None
     model = build_model(cfg.model, cfg.lora, tokenizer, id2label, device, cfg.train.seed)
-    return Site(cfg, data, model, pad_collate(tokenizer.pad_token_id), device, precision)
+    return Site(cfg, data, model, pad_collate(tokenizer.pad_token_id), device, precision, tokenizer)
 
 
 def privacy_spend(cfg: FedTuneConfig, result: TrainResult, history: Optional[AccountantHistory]) -> Optional[PrivacySpend]:
@@ -134,6 +135,11 @@ def run_train_local(cfg: FedTuneConfig, out_dir: Path) -> dict:
         metrics["eval"] = evaluate(
             model, site.data.eval, site.collate, cfg.model.task, site.device, site.precision, cfg.train.eval_batch_size
         )
+        scores, samples = generation_scores(model, site.tokenizer, site.data.eval, cfg.eval, cfg.model.max_length,
+                                            site.device, site.precision)
+        metrics["eval"].update(scores)
+        if samples:
+            metrics["answers"] = samples
     spend = privacy_spend(cfg, result, result.history)
     metrics["privacy"] = spend.model_dump() if spend else None
     metrics["precision"] = site.precision

@@ -32,3 +32,7 @@ def print_local_summary(metrics: dict, out_dir: Path) -> None:
     print(f"\nfedtune train-local -> {out_dir}")
     for key, value in rows:
         print(f"  {key:<{width}}  {_fmt(value)}")
+    for sample in metrics.get("answers") or []:  # a few evaluation prompts with the model's answers
+        prompt = " ".join(sample["prompt"].split())
+        print(f"  answer  {sample['answer']!r} (reference {sample['reference']!r}) to: "
+              f"{prompt[:90]}{'...' if len(prompt) > 90 else ''}")

@@ -13,7 +13,7 @@ from fedtune.adapters import get_adapter_arrays, set_adapter_arrays
 from fedtune.config import FedTuneConfig
 from fedtune.data import LabelMap, pad_collate
 from fedtune.data.site import encode_rows
-from fedtune.evaluation import evaluate
+from fedtune.evaluation import evaluate, generation_scores
 from fedtune.io_utils import atomic_replace_dir
 from fedtune.local import save_adapter, seed_everything
 from fedtune.model import ModelLoadError, build_model, load_tokenizer, resolve_device, uses_chat_template
@@ -39,6 +39,7 @@ class CentralEvaluator:
                                    source, uses_chat_template(cfg.model, self.tokenizer))
         self.collate = pad_collate(self.tokenizer.pad_token_id)
         self.names = list(get_adapter_arrays(self.model).keys())
+        self.last_samples: list[dict] = []  # prompts with the latest evaluation's answers
 
     def initial_arrays(self) -> "OrderedDict[str, np.ndarray]":
         return get_adapter_arrays(self.model)
@@ -47,9 +48,14 @@ class CentralEvaluator:
         return OrderedDict(zip(self.names, (np.asarray(a, dtype=np.float32) for a in arrays)))
 
     def evaluate(self, arrays: list[np.ndarray]) -> dict:
+        """Loss and accuracy/F1 (perplexity for causal LM); for prompt/response rows also the
+        generated answers' scores, the first few answers kept in ``last_samples``."""
         set_adapter_arrays(self.model, self.named(arrays))
-        return evaluate(self.model, self.dataset, self.collate, self.cfg.model.task, self.device,
-                        "fp32", self.cfg.train.eval_batch_size)
+        metrics = evaluate(self.model, self.dataset, self.collate, self.cfg.model.task, self.device,
+                           "fp32", self.cfg.train.eval_batch_size)
+        scores, self.last_samples = generation_scores(self.model, self.tokenizer, self.dataset, self.cfg.eval,
+                                                      self.cfg.model.max_length, self.device)
+        return {**metrics, **scores}
 
     def export(self, arrays: list[np.ndarray], folder: Path) -> None:
         """The adapter in PEFT format (PeftModel.from_pretrained loads it)."""

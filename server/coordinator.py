@@ -250,6 +250,9 @@ class RunRecorder:
         self.latest_arrays = [np.asarray(a, dtype=np.float32) for a in arrays]
         metrics = self.run.evaluator.evaluate(self.latest_arrays)
         metrics.pop("examples", None)
+        if self.run.evaluator.last_samples:  # a few prompts with this round's answers (the report shows them)
+            append_line(self.run.out_dir / "answers.jsonl", json.dumps(
+                {"round": self.absolute(server_round), "samples": self.run.evaluator.last_samples}))
         if server_round == 0:
             if self.run.offset == 0:  # on resume, round `offset` is already recorded
                 self._write_record({"round": 0, "central": metrics, "federated": None, "sites": {},
@@ -402,7 +405,9 @@ class RunRecorder:
     def _metric(self) -> str:
         metric = self.cfg.federation.early_stopping_metric
         if self.cfg.model.task == "causal-lm" and metric in ("accuracy", "f1"):
-            return "perplexity"
+            # Answers scored where the rows are prompt/response pairs; perplexity otherwise.
+            answered = self.cfg.eval.generate is not False and bool(self.run.evaluator.dataset.texts)
+            return "exact_match" if answered else "perplexity"
         return metric
 
     def _track_best(self, rnd: int, central: Optional[dict]) -> bool:
@@ -410,7 +415,7 @@ class RunRecorder:
         if not central or metric not in central:
             return False
         value = central[metric]
-        higher_better = metric in ("accuracy", "f1")
+        higher_better = metric in ("accuracy", "f1", "exact_match")
         better = self.best_value is None or (value > self.best_value if higher_better else value < self.best_value)
         if better:
             self.best_round, self.best_value, self.stale = rnd, value, 0

@@ -44,6 +44,9 @@ def _rel(got, want, scale=None):
 # A trained too, so every LoRA tensor of the architecture gets its per-sample gradient checked.
 LLAMA_ALL = ['lora.target_modules=["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj"]',
              "lora.freeze_a=false"]
+# Instruction rows (the sentence as the prompt, its label the response): the loss is on two tokens
+# a row, so the trainer computes logits at those positions only; the reference at every position.
+INSTRUCTIONS = ['data.prompt_column="text"', 'data.response_column="label"']
 
 
 @pytest.mark.parametrize(
@@ -53,6 +56,8 @@ LLAMA_ALL = ['lora.target_modules=["q_proj","k_proj","v_proj","o_proj","gate_pro
         ("gpt2", "causal-lm", "fp32", 1e-4, []),
         ("llama", "causal-lm", "fp32", 1e-4, []),
         ("gguf-llama", "causal-lm", "fp32", 1e-4, LLAMA_ALL),
+        ("gguf-llama", "causal-lm", "fp32", 1e-4, LLAMA_ALL + INSTRUCTIONS),
+        ("gpt2", "causal-lm", "fp32", 1e-4, INSTRUCTIONS),
         ("bert", "sequence-classification", "bf16", 5e-2, []),
         ("bert", "sequence-classification", "fp16", 1e-2, []),
         ("gpt2", "causal-lm", "fp16", 1e-2, []),
@@ -79,10 +84,8 @@ def test_noise_free_dp_step_equals_clipped_per_sample_average(tiny_models, separ
                            site.device, precision, noise_multiplier=0.0)
     ebs = trainer.optimizer.expected_batch_size
     # The trainer's own forward/backward, then Opacus's clip + noise + average (pre_step).
-    input_ids, attention_mask, labels = batch
-    with autocast(precision, site.device):
-        logits = trainer.model(input_ids=input_ids, attention_mask=attention_mask).logits
-    loss = batch_loss(logits.float(), labels, task)
+    # (causal LM: logits only where a token is supervised; the reference used every position)
+    loss = trainer.loss(*batch)
     (trainer.scaler.scale_loss(loss) if trainer.scaler else loss).backward()
     trainer._prepare_per_sample_grads()
     params = list(trainable_parameters(trainer.model).values())

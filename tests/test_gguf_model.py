@@ -242,3 +242,76 @@ def test_answer_scores_normalize_and_match_label_words(answers, references, labe
     got = answer_scores(answers, references, labels)
     for key, value in want.items():
         assert got[key] == pytest.approx(value), (key, got)
+
+
+def _pos_neg_files(root: Path) -> tuple[Path, Path]:
+    """The separable task as instructions: the sentence as the prompt, its label word the response."""
+    import json
+
+    rows = tiny.separable_rows(600, seed=1, signal=0.9)
+    paths = []
+    for name, part in (("train.jsonl", rows[:500]), ("eval.jsonl", rows[500:])):
+        paths.append(root / name)
+        paths[-1].write_text("".join(json.dumps({"q": r["text"], "a": r["label"]}) + "\n" for r in part))
+    return paths[0], paths[1]
+
+
+def test_train_local_instruction_tunes_a_gguf_model_and_scores_its_answers(gguf_file, cache, tmp_path, capsys):
+    """Non-private, so the tiny model learns in seconds: answers scored by generation go from nothing
+    to the label words, and `fedtune generate` on the export gives the same answers."""
+    import json
+
+    from fedtune.cli import main
+
+    train, evaluation = _pos_neg_files(tmp_path)
+    args = ["--set", f'model.name="{gguf_file}"', "--set", "model.task=causal-lm", "--set", "model.max_length=48",
+            "--set", f'data.train="{train}"', "--set", f'data.eval="{evaluation}"', "--set", 'data.prompt_column="q"',
+            "--set", 'data.response_column="a"', "--set", "privacy.enabled=false", "--set", "train.batch_size=16",
+            "--set", "train.learning_rate=1e-2", "--set", "train.progress=false", "--set", "eval.max_new_tokens=3",
+            "--set", "lora.r=8", "--set", "lora.freeze_a=false"]
+    for epochs in (1, 4):
+        assert main(["train-local", "--out", str(tmp_path / f"e{epochs}"), "--set", f"train.epochs={epochs}",
+                     *args]) == 0
+    short, long = (json.loads((tmp_path / f"e{e}" / "metrics.json").read_text()) for e in (1, 4))
+    assert long["eval"]["generated"] == 100 and long["eval"]["exact_match"] >= 0.85
+    assert long["eval"]["f1"] >= 0.85 and long["eval"]["exact_match"] >= short["eval"]["exact_match"] + 0.3
+    assert [s["reference"] for s in long["answers"]] == ["neg", "neg", "neg"]
+    out = capsys.readouterr().out
+    assert f"answer  {long['answers'][0]['answer']!r} (reference 'neg') to: " in out
+    assert main(["generate", "--adapter", str(tmp_path / "e4" / "adapter"), "--prompt",
+                 long["answers"][0]["prompt"], "--max-new-tokens", "3", "--device", "cpu"]) == 0
+    assert f"tuned:  {long['answers'][0]['answer']}" in capsys.readouterr().out
+
+
+def test_coordinator_scores_answers_and_the_report_shows_them_before_and_after(gguf_file, cache, tmp_path):
+    import json
+
+    import pandas as pd
+
+    from fedtune.config import load_config
+    from fedtune.data.cleaning import ROW
+    from fedtune.federation.report_page import _answers
+    from fedtune.federation.summary import format_summary
+    from fedtune.server.central_eval import CentralEvaluator
+
+    cfg = load_config(None, [f'model.name="{gguf_file}"', "model.task=causal-lm", "model.max_length=48",
+                             'data.builtin="demo-instructions"', "eval.samples=2", "eval.max_rows=5",
+                             "eval.max_new_tokens=2"])
+    rows = pd.DataFrame({"prompt": ["calm day .", "rude day .", "warm ."], "response": ["pos", "neg", "pos"],
+                         ROW: [1, 2, 3]})
+    evaluator = CentralEvaluator(cfg, rows, ["prompt", "response"], None, "eval")
+    metrics = evaluator.evaluate(list(evaluator.initial_arrays().values()))
+    assert metrics["generated"] == 3 and 0 <= metrics["exact_match"] <= 1 and "f1" in metrics
+    assert [s["prompt"] for s in evaluator.last_samples] == ["calm day .", "rude day ."]
+    off = CentralEvaluator(cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"generate": False})}),
+                           rows, ["prompt", "response"], None, "eval")
+    assert "exact_match" not in off.evaluate(list(off.initial_arrays().values())) and not off.last_samples
+    (tmp_path / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"round": 0, "samples": [{"prompt": "calm day .", "answer": "I am", "reference": "pos"}]},
+        {"round": 3, "samples": [{"prompt": "calm day .", "answer": "pos", "reference": "pos"}]}]))
+    page = "".join(_answers(tmp_path / "answers.jsonl"))
+    assert "answer, round 0</th><th>answer, round 3" in page and "<td>I am</td><td>pos</td>" in page
+    table = format_summary([{"round": 0, "central": {"exact_match": 0.1, "f1": 0.2, "loss": 2.0, "perplexity": 7.4}},
+                            {"round": 1, "central": {"exact_match": 0.9, "f1": 0.8, "loss": 1.0, "perplexity": 2.7}}])
+    assert table.splitlines()[0].split()[:4] == ["round", "exact_match", "f1", "loss"]
+    assert "best round: 1 (central exact match 0.9" in table

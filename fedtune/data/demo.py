@@ -169,3 +169,14 @@ def generate_demo_rows(n: int, seed: int = 0) -> list[dict]:
         seen.add(text)
         rows.append({"text": text, "label": label})
     return rows
+
+
+DEMO_INSTRUCTION = ("Which team should handle this customer message: account, billing, shipping or technical? "
+                    "Answer with one word.\nMessage: {text}")
+
+
+def demo_instruction_rows(n: int, seed: int = 0) -> list[dict]:
+    """The demo rows as instructions for a causal LM: the message in a fixed question, the team as
+    the one-word response (``data.builtin = "demo-instructions"``)."""
+    return [{"prompt": DEMO_INSTRUCTION.format(text=r["text"]), "response": r["label"]}
+            for r in generate_demo_rows(n, seed)]

@@ -11,7 +11,7 @@ import pandas as pd
 
 from fedtune.config import DataConfig
 from fedtune.data.cleaning import ROW, CleaningReport, clean_rows
-from fedtune.data.demo import generate_demo_rows
+from fedtune.data.demo import demo_instruction_rows, generate_demo_rows
 from fedtune.data.errors import DataError
 from fedtune.data.labels import LabelMap
 from fedtune.data.readers import read_table
@@ -41,6 +41,9 @@ def load_rows(cfg: DataConfig, task: str, seed: int) -> tuple[pd.DataFrame, Opti
     """Raw train rows, eval rows (None: hold out from train) and their source names."""
     if cfg.builtin == "demo":
         return pd.DataFrame(generate_demo_rows(cfg.builtin_rows, seed), dtype=str), None, "demo", "demo"
+    if cfg.builtin == "demo-instructions":
+        return (pd.DataFrame(demo_instruction_rows(cfg.builtin_rows, seed), dtype=str), None, "demo-instructions",
+                "demo-instructions")
     if cfg.train is None:
         raise DataError('no training data: set data.train to a file (or data.builtin = "demo" for the '
                         'generated demo; with federation.partition = "files", each site has its own file)')
@@ -51,10 +54,14 @@ def load_rows(cfg: DataConfig, task: str, seed: int) -> tuple[pd.DataFrame, Opti
 
 
 def data_columns(cfg: DataConfig, task: str) -> list[str]:
+    if task == CLASSIFICATION and cfg.builtin == "demo-instructions":
+        raise DataError('data.builtin = "demo-instructions" is for model.task = "causal-lm" (use "demo" to classify)')
     if task == CLASSIFICATION:
         # The demo rows have fixed column names whatever the config says for files.
         return ["text", "label"] if cfg.builtin else [cfg.text_column, cfg.label_column]
     if task == CAUSAL:
+        if cfg.builtin == "demo-instructions":
+            return ["prompt", "response"]
         if cfg.prompt_column is not None:
             return [cfg.prompt_column, cfg.response_column]
         return ["text"] if cfg.builtin else [cfg.text_column]

@@ -34,6 +34,10 @@ class TokenizedDataset(Dataset):
         self.dropped = dropped
         self.prompts_cut = 0    # prompt/response rows whose prompt lost its middle to fit
         self.responses_cut = 0  # ... whose response lost its end
+        # Prompt/response rows: the kept rows' texts and whether prompts are in the chat template,
+        # for evaluation by generation (fedtune.evaluation.generation_scores).
+        self.texts: list[tuple[str, str]] = []
+        self.chat = False
 
     def fit_summary(self, max_length: int) -> Optional[str]:
         """What fitting rows into ``max_length`` tokens changed, or None when nothing."""
@@ -142,8 +146,8 @@ def encode_prompt_response(prompts, responses, tokenizer, max_length: int, rows=
     r_ids = _tokenize(tokenizer, list(responses), max_length, special=False)
     rows = list(rows) if rows is not None else list(range(1, len(p_ids) + 1))
     room = max_length - fmt.overhead
-    kept_ids, kept_labels, kept_rows, prompts_cut, responses_cut = [], [], [], 0, 0
-    for p, r, row in zip(p_ids, r_ids, rows):
+    kept_ids, kept_labels, kept_rows, prompts_cut, responses_cut, texts = [], [], [], 0, 0, []
+    for p, r, row, text in zip(p_ids, r_ids, rows, zip(prompts, responses)):
         response = r + tail
         keep = min(len(p), max(room - len(response), min(len(p), max(1, room // 2))))
         prompt = fmt.build(p, keep)
@@ -156,8 +160,9 @@ def encode_prompt_response(prompts, responses, tokenizer, max_length: int, rows=
         kept_ids.append(prompt + response)
         kept_labels.append([IGNORE_INDEX] * len(prompt) + response)
         kept_rows.append(row)
+        texts.append((str(text[0]), str(text[1])))
     ds = TokenizedDataset(kept_ids, kept_labels, kept_rows, dropped=len(rows) - len(kept_ids))
-    ds.prompts_cut, ds.responses_cut = prompts_cut, responses_cut
+    ds.prompts_cut, ds.responses_cut, ds.texts, ds.chat = prompts_cut, responses_cut, texts, chat
     return ds
 
 

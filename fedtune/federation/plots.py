@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-METRICS = ("accuracy", "f1", "loss", "perplexity")
+METRICS = ("accuracy", "exact_match", "f1", "loss", "perplexity")
 
 
 def _points(records: list[dict], key: str, metric: str) -> list[tuple[int, float]]:

@@ -98,6 +98,23 @@ def _rounds_table(records: list[dict]) -> str:
     return table + f"<p>{html.escape(best)}</p>"
 
 
+def _answers(path: Path) -> list[str]:
+    """The same evaluation prompts answered before training (round 0) and after the last round."""
+    from fedtune.io_utils import read_jsonl
+
+    rounds = read_jsonl(path) if path.is_file() else []
+    if not rounds:
+        return []
+    first, last = rounds[0], rounds[-1]
+    after = {s["prompt"]: s["answer"] for s in last["samples"]}
+    head = ["prompt", "reference", f"answer, round {first['round']}", f"answer, round {last['round']}"]
+    body = [[s["prompt"], s["reference"], s["answer"], after.get(s["prompt"], "")] for s in first["samples"]]
+    return ["<h2>Answers before and after</h2>",
+            "<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in body)
+            + "</table>"]
+
+
 def build_report(run_dir: Path) -> str:
     from fedtune.federation.plots import write_plots
     from fedtune.server.coordinator import read_records
@@ -126,6 +143,7 @@ def build_report(run_dir: Path) -> str:
     ]
     parts += [_png(p) for p in (plots / "central.png", plots / "epsilon.png") if p.is_file()]
     parts += ["<h2>Rounds</h2>", _rounds_table(records)]
+    parts += _answers(run_dir / "answers.jsonl")
     privacy = run_dir / "privacy.md"
     if privacy.is_file():  # its own heading: "Privacy report"
         parts.append(markdown_to_html(privacy.read_text(encoding="utf-8")))

@@ -33,7 +33,8 @@ def format_summary(records: list[dict]) -> str:
     if not records:
         return "no rounds recorded"
     causal = any("perplexity" in (r.get(k) or {}) for r in records for k in ("central", "federated"))
-    metrics = ["loss", "perplexity"] if causal else ["accuracy", "f1", "loss"]
+    answered = any("exact_match" in (r.get("central") or {}) for r in records)
+    metrics = (["exact_match", "f1"] if answered else []) + ["loss", "perplexity"] if causal else ["accuracy", "f1", "loss"]
     fed_metric = "perplexity" if causal else "accuracy"
     header = ["round", *metrics, f"fed {fed_metric} (noised)", "max eps", "MB up", "MB down", "seconds"]
     rows = []
@@ -62,6 +63,9 @@ def _best(records: list[dict], causal: bool) -> str:
     if not causal and scored("accuracy"):
         rnd, v = max(scored("accuracy"), key=lambda p: p[1])
         return f"best round: {rnd} (central accuracy {_fmt(v)})"
+    if causal and scored("exact_match"):
+        rnd, v = max(scored("exact_match"), key=lambda p: p[1])
+        return f"best round: {rnd} (central exact match {_fmt(v)})"
     if scored("loss"):
         rnd, v = min(scored("loss"), key=lambda p: p[1])
         return f"best round: {rnd} (central loss {_fmt(v)})"

@@ -31,3 +31,29 @@ def per_example_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     ).view(shift_labels.shape)
     mask = (shift_labels != IGNORE_INDEX).float()
     return (token_loss * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+def causal_lm_token_losses(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss of every supervised token (flat) and the row each belongs to, computing logits only
+    at the positions that predict one. With instruction rows (a long prompt, a short response) the
+    vocabulary projection and its softmax at every prompt position (49,152 x 96 values per row for
+    SmolLM2) would dominate memory and much of the time, for terms the loss masks out anyway."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # position t predicts token t + 1
+    targets = labels[:, 1:][keep[:, :-1]]
+    rows = keep.nonzero()[:, 0]
+    try:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+    except TypeError:  # a model without transformers' logits_to_keep: every position, then the same ones
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[keep]
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets, reduction="none"), rows
+
+
+def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   labels: torch.Tensor) -> torch.Tensor:
+    """Each example's mean loss over its own supervised tokens (shape: batch); equal to
+    ``per_example_lm_loss`` on the full logits (tests/test_dp_training.py)."""
+    token_loss, rows = causal_lm_token_losses(model, input_ids, attention_mask, labels)
+    sums = torch.zeros(labels.shape[0], dtype=token_loss.dtype, device=token_loss.device).index_add(0, rows, token_loss)
+    return sums / torch.bincount(rows, minlength=labels.shape[0]).clamp(min=1)

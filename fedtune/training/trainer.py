@@ -24,7 +24,7 @@ from fedtune.adapters import trainable_parameters, unwrap
 from fedtune.config import PrivacyConfig, TrainConfig
 from fedtune.privacy.accounting import AccountantHistory
 from fedtune.training.auto import AUTO, dp_sample_rate, steps_per_epoch  # noqa: F401 (re-exported)
-from fedtune.training.losses import batch_loss
+from fedtune.training.losses import batch_loss, causal_lm_loss
 from fedtune.training.precision import PerSampleLossScaler, autocast
 from fedtune.training.schedule import warmup_cosine
 
@@ -163,14 +163,14 @@ class LocalTrainer:
         if input_ids.shape[0] == 0:
             self._empty_batch_step()
             return None
-        with autocast(self.precision, self.device):
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
         if self.criterion is not None:  # ghost clipping: its criterion does the double backward
+            with autocast(self.precision, self.device):
+                logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
             loss = self.criterion(logits.float(), labels)
             loss.backward()
             value = float(loss.detach())
         else:
-            loss = batch_loss(logits.float(), labels, self.task)
+            loss = self.loss(input_ids, attention_mask, labels)
             (self.scaler.scale_loss(loss) if self.scaler else loss).backward()
             value = float(loss.detach())
         if self.engine is not None:
@@ -180,6 +180,15 @@ class LocalTrainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return value
+
+    def loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The batch's loss: the mean of each example's own loss (causal LM: logits only where
+        a token is supervised)."""
+        with autocast(self.precision, self.device):
+            if self.task == "causal-lm":
+                return causal_lm_loss(self.model, input_ids, attention_mask, labels).mean()
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return batch_loss(logits.float(), labels, self.task)
 
     def _prepare_per_sample_grads(self) -> None:
         # Concatenate accumulated pieces and keep per-sample gradients in fp32 so that the
