@@ -219,5 +219,5 @@ def _build(config_toml: str, settings: SiteSettings, state_folder: Optional[Path
             log.warning("%s", warning)
     id2label = dict(enumerate(label_map.labels)) if label_map is not None else None
     model = build_model(cfg.model, cfg.lora, tokenizer, id2label, device, cfg.train.seed)
-    return SiteRuntime(cfg, data, model, pad_collate(tokenizer.pad_token_id), device, precision, settings, fingerprint,
-                       units)
+    return SiteRuntime(cfg, data, model, pad_collate(tokenizer.pad_token_id), device, precision, tokenizer=tokenizer,
+                       settings=settings, fingerprint=fingerprint, units=units)

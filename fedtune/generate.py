@@ -17,6 +17,7 @@ from fedtune.evaluation import generate_answers
 from fedtune.local import MODEL_NOTE
 from fedtune.model import ModelLoadError, load_base_model, load_tokenizer, resolve_device, uses_chat_template
 
+
 def adapter_model_config(adapter: Path, model: Optional[str] = None, gguf_file: Optional[str] = None) -> ModelConfig:
     """The base model's config: ``--model`` where given, else what the adapter folder records."""
     adapter = Path(adapter)
@@ -34,6 +35,7 @@ def adapter_model_config(adapter: Path, model: Optional[str] = None, gguf_file: 
     if not cfg.name:
         raise ModelLoadError(f"{adapter}: the adapter does not name its base model: pass --model")
     return cfg
+
 
 class Generator:
     """A base model with (optionally) an adapter, answering prompts greedily."""
@@ -60,6 +62,7 @@ class Generator:
             return generate_answers(self.model, self.tokenizer, ids, max_new_tokens, self.device, batch_size=batch_size)
         with self.model.disable_adapter():
             return generate_answers(self.model, self.tokenizer, ids, max_new_tokens, self.device, batch_size=batch_size)
+
 
 def read_prompts(prompt: Optional[list[str]], prompts_file: Optional[Path]) -> list[str]:
     prompts = list(prompt or [])
