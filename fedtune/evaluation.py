@@ -177,9 +177,7 @@ def generation_scores(model: torch.nn.Module, tokenizer, dataset, eval_cfg, max_
     if eval_cfg.generate is False or not texts:
         return {}, []
     rows = texts[:eval_cfg.max_rows]
-    fmt = PromptFormat(tokenizer, dataset.chat)
-    room = max(1, max_length - fmt.overhead)
-    prompts = [fmt.build(ids, room) for ids in fmt.content([p for p, _ in rows])]
+    prompts = PromptFormat(tokenizer, dataset.chat).inputs([p for p, _ in rows], max_length)
     answers = generate_answers(model, tokenizer, prompts, eval_cfg.max_new_tokens, device, precision)
     references = [r for _, r in rows]
     words = sorted({normalize_answer(r) for _, r in texts})

@@ -7,6 +7,7 @@ training formatted them (``fedtune.data.tokenization.PromptFormat``), and decodi
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Optional
@@ -56,11 +57,9 @@ class Generator:
     def answer(self, prompts: list[str], max_new_tokens: int = 64, adapter: bool = True,
                batch_size: int = 8) -> list[str]:
         """Greedy answers, one per prompt; ``adapter=False``: the base model's (same weights, LoRA off)."""
-        room = max(1, self.cfg.max_length - self.format.overhead)
-        ids = [self.format.build(c, room) for c in self.format.content(prompts)]
-        if adapter or not hasattr(self.model, "disable_adapter"):
-            return generate_answers(self.model, self.tokenizer, ids, max_new_tokens, self.device, batch_size=batch_size)
-        with self.model.disable_adapter():
+        ids = self.format.inputs(prompts, self.cfg.max_length)
+        lora_off = not adapter and hasattr(self.model, "disable_adapter")
+        with self.model.disable_adapter() if lora_off else contextlib.nullcontext():
             return generate_answers(self.model, self.tokenizer, ids, max_new_tokens, self.device, batch_size=batch_size)
 
 

@@ -130,6 +130,11 @@ class PromptFormat:
     def overhead(self) -> int:
         return len(self.head) + len(self.tail)
 
+    def inputs(self, prompts: Sequence[str], max_length: int) -> list[list[int]]:
+        """Model inputs for generation: each prompt cut (middle) to fit ``max_length`` with the template."""
+        room = max(1, max_length - self.overhead)
+        return [self.build(ids, room) for ids in self.content(prompts)]
+
 
 def encode_prompt_response(prompts, responses, tokenizer, max_length: int, rows=None,
                            chat: bool = False) -> TokenizedDataset:
