@@ -53,6 +53,10 @@ class LoraConfig(_Section):
     dropout: float = Field(0.05, ge=0, lt=1)
     # Empty: a default per architecture (see fedtune.model.default_target_modules).
     target_modules: list[str] = []
+    # LoRA only in the last N transformer blocks (0: every block). The backward pass then stops
+    # at the lowest adapted block (SmolLM2, 10 of 30 blocks: a step 1.8x faster) and DP noises
+    # fewer values; measured in simulations/RESULTS.md section 12.
+    top_layers: int = Field(0, ge=0)
     # FFA-LoRA: A is drawn from a_seed (the same at every party) and frozen; only B and the
     # head are trained and sent, and averaging B under a shared A averages the products exactly.
     freeze_a: bool = True

@@ -170,6 +170,7 @@ def add_lora(model: torch.nn.Module, cfg: LoraConfig, task: str) -> PeftModel:
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=targets,
+        layers_to_transform=top_layer_indices(model, cfg.top_layers),
     )
     try:
         with _peft_checkpointing_probe():
@@ -181,6 +182,19 @@ def add_lora(model: torch.nn.Module, cfg: LoraConfig, task: str) -> PeftModel:
         freeze_lora_a(peft_model, cfg.a_seed)
     peft_model.train()  # from_pretrained returns eval mode; Opacus and dropout need train mode
     return peft_model
+
+
+def top_layer_indices(model: torch.nn.Module, top_layers: int) -> Optional[list[int]]:
+    """``lora.top_layers``: the indices of the last ``top_layers`` transformer blocks (None: all)."""
+    if not top_layers:
+        return None
+    total = getattr(model.config, "num_hidden_layers", None)
+    if not isinstance(total, int):
+        raise ModelLoadError(f"lora.top_layers = {top_layers}: the model's config does not say how many "
+                             "layers it has (num_hidden_layers); set lora.top_layers = 0")
+    if top_layers > total:
+        raise ModelLoadError(f"lora.top_layers = {top_layers}, but {model.config.model_type!r} has {total} layers")
+    return list(range(total - top_layers, total))
 
 
 def check_dense_lora_targets(model: torch.nn.Module) -> None:

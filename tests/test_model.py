@@ -30,6 +30,25 @@ def test_lora_on_each_architecture(tiny_models, separable_files, arch, task):
     assert frozen and all(not p.requires_grad for p in frozen)
 
 
+@pytest.mark.parametrize("arch, task", [("bert", "sequence-classification"), ("gpt2", "causal-lm"),
+                                        ("llama", "causal-lm")])
+def test_top_layers_puts_lora_in_the_last_blocks_only(tiny_models, separable_files, arch, task):
+    full = prepare_site(tiny_config(tiny_models[arch], separable_files["train"], task=task))
+    total = full.model.config.num_hidden_layers
+    assert total >= 2
+
+    def lora_blocks(model) -> set[int]:
+        return {int(part) for n in trainable_parameters(model) if "lora_" in n
+                for part in n.split(".") if part.isdigit()}
+
+    assert lora_blocks(full.model) == set(range(total))
+    top = prepare_site(tiny_config(tiny_models[arch], separable_files["train"], task=task, overrides=["lora.top_layers=1"]))
+    assert lora_blocks(top.model) == {total - 1}
+    with pytest.raises(ModelLoadError, match=f"lora.top_layers = {total + 1}.*has {total} layers"):
+        prepare_site(tiny_config(tiny_models[arch], separable_files["train"], task=task,
+                                 overrides=[f"lora.top_layers={total + 1}"]))
+
+
 def test_gpt_style_tokenizer_gets_a_pad_token(tiny_models):
     cfg = tiny_config(tiny_models["gpt2"])
     tok = load_tokenizer(cfg.model)
