@@ -124,6 +124,16 @@ class TrainConfig(_Section):
     learning_rate: Annotated[Union[float, Literal["auto"]], BeforeValidator(_auto_or(float, 0, "gt"))] = "auto"
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    # Sequence classification on skewed labels. "logit-adjusted": the loss reads logits + log(prior)
+    # (Menon et al. 2021), so the model's own logits, which predict, are balanced over the classes
+    # and a small skewed site's model answers more than the majority class. Under DP this keeps
+    # each example's gradient bounded the same way (clipping would undo loss weights).
+    # "off": plain cross-entropy. See simulations/RESULTS.md section 13.
+    class_balance: Literal["off", "logit-adjusted"] = "off"
+    # The class frequencies (label order) the adjustment uses, from rows that cost no site any
+    # privacy: the coordinator's own evaluation rows (set by the coordinator) or train-local's
+    # held-out rows. Never a site's training-row counts. Empty: filled in where the run starts.
+    class_prior: list[Annotated[float, Field(gt=0)]] = []
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0

@@ -64,6 +64,8 @@ def _classification(model, loader, device, precision) -> dict[str, float]:
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
         "examples": n,
+        # How many classes the model answers at all (1: it always predicts the same class).
+        "predicted_classes": int(len(np.unique(y_pred))),
     }
 
 

@@ -14,13 +14,14 @@ from typing import Optional
 import numpy as np
 import torch
 
-from fedtune.config import FedTuneConfig, ModelConfig, save_config
+from fedtune.config import ConfigError, FedTuneConfig, ModelConfig, TrainConfig, save_config
 from fedtune.data import LabelMap, SiteData, load_site_data, pad_collate
 from fedtune.evaluation import evaluate, generation_scores
 from fedtune.io_utils import atomic_replace_dir, atomic_write_json
 from fedtune.model import build_model, load_tokenizer, resolve_device, uses_chat_template
 from fedtune.privacy.accounting import AccountantHistory, PrivacySpend, planned_noise
 from fedtune.training.auto import resolve_train
+from fedtune.training.losses import label_prior
 from fedtune.training.precision import resolve_precision
 from fedtune.training.trainer import LocalTrainer, TrainResult, dp_sample_rate, steps_per_epoch
 
@@ -98,6 +99,20 @@ def save_adapter(model: torch.nn.Module, folder: Path, model_cfg: Optional[Model
         raise
 
 
+def with_local_class_prior(train: TrainConfig, site: Site) -> TrainConfig:
+    """train-local's ``train.class_balance`` prior: from the held-out evaluation rows, which DP-SGD
+    does not train on (the training rows' counts would be a release the accountant does not cover)."""
+    if train.class_balance == "off" or train.class_prior or site.data.label_map is None:
+        return train
+    if site.data.eval is None:
+        raise ConfigError("train.class_balance needs evaluation rows for its class prior (data.eval or "
+                         "data.eval_fraction), or train.class_prior set explicitly")
+    prior = [round(p, 6) for p in label_prior((int(y) for y in site.data.eval.labels), site.data.label_map.num_labels)]
+    log.info("train.class_balance = %s: class prior %s from %d evaluation rows", train.class_balance, prior,
+             len(site.data.eval))
+    return train.model_copy(update={"class_prior": prior})
+
+
 def run_train_local(cfg: FedTuneConfig, out_dir: Path) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -108,7 +123,7 @@ def run_train_local(cfg: FedTuneConfig, out_dir: Path) -> dict:
     if resolved.batch_auto or resolved.learning_rate_auto:
         log.info("train auto: expected batch %d, learning rate %g for %d rows", resolved.train.batch_size,
                  resolved.train.learning_rate, n)
-    cfg = cfg.model_copy(update={"train": resolved.train})
+    cfg = cfg.model_copy(update={"train": with_local_class_prior(resolved.train, site)})
     site.cfg = cfg
     for name, report in site.data.reports.items():
         log.info("%s data: %s", name, report.summary())

@@ -99,16 +99,17 @@ def make_tiny_llama(folder: Path) -> Path:
     return folder
 
 
-def separable_rows(n: int, seed: int = 0, signal: float = 0.5) -> list[dict]:
+def separable_rows(n: int, seed: int = 0, signal: float = 0.5, pos_share: float | None = None) -> list[dict]:
     """Sentences labelled ``pos`` / ``neg`` by which word set they draw from.
 
     ``signal`` is the chance that a word (before the last, which always is) comes from the
     label's set rather than the filler words: higher is an easier task for a tiny model. The
-    default 0.5 gives the rows that tests and benchmarks have always used."""
+    default 0.5 gives the rows that tests and benchmarks have always used. ``pos_share``: the
+    chance of ``pos`` (skewed labels); None: an even choice."""
     rng = random.Random(seed)
     rows, seen = [], set()
     while len(rows) < n:
-        label = rng.choice(["pos", "neg"])
+        label = rng.choice(["pos", "neg"]) if pos_share is None else ("pos" if rng.random() < pos_share else "neg")
         words = POSITIVE_WORDS if label == "pos" else NEGATIVE_WORDS
         text = " ".join(
             rng.choice(words) if rng.random() < signal else rng.choice(FILLER_WORDS)

@@ -28,6 +28,7 @@ from fedtune.federation.refusal import refusal_kind, refusing_site
 from fedtune.io_utils import append_line, atomic_write_json, atomic_write_text, read_jsonl
 from fedtune.privacy.display import epsilon_number, epsilon_record, format_epsilon, worst_epsilon
 from fedtune.privacy.release import EvaluationSums, combine
+from fedtune.training.losses import label_prior
 
 from .central_eval import CentralEvaluator
 from .checkpoints import load_latest, load_optimizer, save_checkpoint
@@ -93,6 +94,19 @@ def coordinator_rows(cfg: FedTuneConfig) -> FederatedRows:
     return FederatedRows([], central, str(cfg.data.eval), cols, label_map)
 
 
+def with_class_prior(cfg: FedTuneConfig, rows: FederatedRows) -> FedTuneConfig:
+    """``train.class_balance``: the class prior from the coordinator's own evaluation rows (no site's
+    rows, so no site spends privacy on it), sent to every site in the run config."""
+    if cfg.train.class_balance == "off" or cfg.train.class_prior:
+        return cfg
+    column = rows.columns[1]
+    ids = rows.label_map.encode(rows.central[column], range(2, len(rows.central) + 2), rows.central_source, column)
+    prior = [round(p, 6) for p in label_prior(ids, rows.label_map.num_labels)]
+    log.info("train.class_balance = %s: class prior %s from the coordinator's %d evaluation rows",
+             cfg.train.class_balance, prior, len(ids))
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"class_prior": prior})})
+
+
 # What a resumed run may change: more rounds, deadlines and the site policy, where outputs go.
 # Everything else (model, data split, privacy, SecAgg+, strategy) is the saved run's.
 RESUMABLE = ("federation.rounds", "federation.min_sites", "federation.stage_timeout", "federation.train_timeout",
@@ -131,6 +145,7 @@ def prepare_run(cfg: Optional[FedTuneConfig], out_dir: Path, resume: bool = Fals
     rows = federated_rows(cfg) if simulated else coordinator_rows(cfg)
     if rows.label_map is not None:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"labels": rows.label_map.labels})})
+        cfg = with_class_prior(cfg, rows)
     evaluator = CentralEvaluator(cfg, rows.central, rows.columns, rows.label_map, rows.central_source)
     initial = list(evaluator.initial_arrays().values())
     offset, state, run_id = 0, {}, cfg.federation.run_id or uuid.uuid4().hex[:12]

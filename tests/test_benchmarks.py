@@ -9,8 +9,8 @@ import psutil
 import pytest
 
 from simulations.benchmarks import (
-    ablation, audit, deploy_load, deploy_vs_sim, run_all, scale, secagg_cost, secagg_shares, step_time, traffic,
-    utility)
+    ablation, audit, deploy_load, deploy_vs_sim, run_all, scale, secagg_cost, secagg_shares, small_sites, step_time,
+    traffic, utility)
 from simulations.benchmarks.common import SHARED_DATA, table
 from simulations.benchmarks.memory import PeakMemory
 
@@ -289,3 +289,32 @@ def test_run_all_keeps_going_after_a_failure(tmp_path, monkeypatch):
         run_all.run_all("tiny", tmp_path, only=["traffic", "scale"])
     text = (tmp_path / "summary-tiny.md").read_text()
     assert "FAILED" in text and "boom" in text and "|scale|" in text
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data (real SST-2 / AG News) is absent")
+def test_small_sites_compares_class_balance_settings_with_the_baselines_on_skewed_rows(tmp_path):
+    small_sites.run("tiny", tmp_path, workdir=tmp_path / "work")
+    data = _saved(tmp_path, "small_sites")
+    g = small_sites.grid("tiny")
+    # Each site's rows: its size and its majority share, no row at two sites.
+    import pandas as pd
+
+    frames = [pd.read_json(tmp_path / "work" / f"sst2-site-{i}.jsonl", lines=True, dtype=False) for i in range(3)]
+    for frame, n, share in zip(frames, g.site_rows, g.site_majority):
+        assert len(frame) == n and (frame["label"].astype(str) == "0").mean() == pytest.approx(share, abs=0.02)
+    assert len(set().union(*(set(f["sentence"]) for f in frames))) == sum(g.site_rows)
+    majority = data["majority"]["sst2"]
+    assert 0.6 < majority["accuracy"] < 0.8 and majority["f1"] == pytest.approx(
+        majority["accuracy"] / (1 + majority["accuracy"]))
+    kinds = [(r["kind"], r.get("class_balance")) for r in data["results"]]
+    assert kinds == [("probe", None), ("centralized", None), ("federated", "off"), ("federated", "logit-adjusted")]
+    for r in data["results"]:
+        assert 0 <= r["f1"] <= 1 and 1 <= r["predicted_classes"] <= 2
+    for fed in data["results"][2:]:
+        assert [x["round"] for x in fed["rounds"]] == [0, 1, 2]
+        assert all(0 < e <= 8.0 + 1e-6 for e in fed["epsilon_per_site"].values())
+        assert fed["f1_above_majority"] == pytest.approx(fed["f1"] - majority["f1"])
+        assert isinstance(fed["meets_target"], bool)
+    assert "majority class" in data["table"]
+    assert (tmp_path / data["plots"][0]).stat().st_size > 10_000

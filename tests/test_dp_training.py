@@ -22,15 +22,16 @@ MAX_NORM = 0.05  # small enough that every per-sample gradient is clipped
 EASY = 0.9
 
 
-def _per_example_gradients(model, batch, task):
-    """Per-example gradients computed one example at a time, in fp32, without Opacus."""
+def _per_example_gradients(model, batch, task, shift=0.0):
+    """Per-example gradients computed one example at a time, in fp32, without Opacus (``shift``
+    added to the logits: train.class_balance's log-prior)."""
     params = list(trainable_parameters(model).values())
     input_ids, attention_mask, labels = batch
     per_example = []
     for i in range(input_ids.shape[0]):
         model.zero_grad(set_to_none=True)
         logits = model(input_ids=input_ids[i:i + 1], attention_mask=attention_mask[i:i + 1]).logits
-        batch_loss(logits.float(), labels[i:i + 1], task).backward()
+        batch_loss(logits.float() + shift, labels[i:i + 1], task).backward()
         per_example.append([p.grad.detach().float().clone() for p in params])
     model.zero_grad(set_to_none=True)
     return per_example
@@ -47,12 +48,15 @@ LLAMA_ALL = ['lora.target_modules=["q_proj","k_proj","v_proj","o_proj","gate_pro
 # Instruction rows (the sentence as the prompt, its label the response): the loss is on two tokens
 # a row, so the trainer computes logits at those positions only; the reference at every position.
 INSTRUCTIONS = ['data.prompt_column="text"', 'data.response_column="label"']
+# Logit adjustment: a constant added to every row's logits keeps each example's gradient its own.
+BALANCED = ["train.class_balance=logit-adjusted", "train.class_prior=[0.7, 0.3]"]
 
 
 @pytest.mark.parametrize(
     "arch, task, precision, rtol, extra",
     [
         ("bert", "sequence-classification", "fp32", 1e-4, []),
+        ("bert", "sequence-classification", "fp32", 1e-4, BALANCED),
         ("gpt2", "causal-lm", "fp32", 1e-4, []),
         ("llama", "causal-lm", "fp32", 1e-4, []),
         ("gguf-llama", "causal-lm", "fp32", 1e-4, LLAMA_ALL),
@@ -74,7 +78,8 @@ def test_noise_free_dp_step_equals_clipped_per_sample_average(tiny_models, separ
         for name, p in trainable_parameters(site.model).items():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-    reference = _per_example_gradients(site.model, batch, task)
+    shift = torch.log(torch.tensor(cfg.train.class_prior)) if cfg.train.class_prior else 0.0
+    reference = _per_example_gradients(site.model, batch, task, shift)
     norms = [float(torch.sqrt(sum((g ** 2).sum() for g in grads))) for grads in reference]
     assert min(norms) > MAX_NORM, "test needs every sample to be clipped"
     factors = [min(1.0, MAX_NORM / (n + 1e-6)) for n in norms]

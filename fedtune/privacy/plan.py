@@ -115,10 +115,18 @@ def too_small_warnings(cfg: FedTuneConfig, plan: SitePlan) -> list[str]:
     if cfg.lora.r > 4:
         helps.append(f"a smaller LoRA rank (lora.r = {cfg.lora.r})")
     helps.append(f"a larger epsilon (privacy.target_epsilon = {plan.target_epsilon:g}), if the site allows it")
+    if cfg.model.task == "sequence-classification" and cfg.train.class_balance == "off":
+        helps.append("on skewed labels, train.class_balance = \"logit-adjusted\" (a model that learns little "
+                     "otherwise answers only the majority class)")
+    done = ""
+    if plan.batch_auto:
+        done = (f" train.batch_size = \"auto\" already takes every row ({plan.examples}) in each step, the largest "
+                f"batch there is, with {plan.steps_per_round} step(s) a round." if plan.batch_size >= plan.examples else
+                f" train.batch_size = \"auto\" chose the expected batch {plan.batch_size}.")
     return [
         f"{plan.site}: too little signal to learn under DP: expected noise-to-signal per step "
         f"{plan.noise_to_signal:.3f} (noise multiplier {plan.noise_multiplier:.3g} / expected batch "
-        f"{plan.batch_size}) is above {MAX_NOISE_TO_SIGNAL:g}. What would help: " + "; ".join(helps) + "."
+        f"{plan.batch_size}) is above {MAX_NOISE_TO_SIGNAL:g}.{done} What would help: " + "; ".join(helps) + "."
     ]
 
 

@@ -20,6 +20,26 @@ def batch_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.T
     return per_example_lm_loss(logits, labels).mean()
 
 
+def label_prior(label_ids, num_labels: int) -> list[float]:
+    """Class frequencies of ``label_ids`` (ints in ``range(num_labels)``), add-one smoothed so that a
+    class absent from the rows keeps a finite log-prior."""
+    counts = [1] * num_labels
+    for i in label_ids:
+        counts[int(i)] += 1
+    total = sum(counts)
+    return [c / total for c in counts]
+
+
+def logit_adjustment(prior: list[float], num_labels: int) -> torch.Tensor:
+    """What ``train.class_balance = "logit-adjusted"`` adds to the logits in the loss: log(prior).
+    Training on logits + log(prior) makes the softmax of the model's own logits estimate the
+    class-balanced posterior (Menon et al., "Long-tail learning via logit adjustment", 2021)."""
+    if len(prior) != num_labels:
+        raise ValueError(f"train.class_prior has {len(prior)} values for {num_labels} labels")
+    p = torch.tensor(prior, dtype=torch.float32)
+    return torch.log(p / p.sum())
+
+
 def per_example_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     shift_logits = logits[:, :-1, :]
     shift_labels = labels[:, 1:]

@@ -24,7 +24,7 @@ from fedtune.adapters import trainable_parameters, unwrap
 from fedtune.config import PrivacyConfig, TrainConfig
 from fedtune.privacy.accounting import AccountantHistory
 from fedtune.training.auto import AUTO, dp_sample_rate, steps_per_epoch  # noqa: F401 (re-exported)
-from fedtune.training.losses import batch_loss, causal_lm_loss
+from fedtune.training.losses import batch_loss, causal_lm_loss, logit_adjustment
 from fedtune.training.precision import PerSampleLossScaler, autocast
 from fedtune.training.schedule import warmup_cosine
 
@@ -76,6 +76,13 @@ class LocalTrainer:
                              "(fedtune.training.auto.resolve_train)")
         self.task = task
         self.cfg = train_cfg
+        self.adjustment = None  # train.class_balance: added to the logits in the loss only
+        if task == "sequence-classification" and train_cfg.class_balance == "logit-adjusted":
+            if not train_cfg.class_prior:
+                raise ValueError("train.class_balance = 'logit-adjusted' needs train.class_prior (the coordinator "
+                                 "or train-local sets it from evaluation rows)")
+            labels = getattr(getattr(model, "config", None), "num_labels", len(train_cfg.class_prior))
+            self.adjustment = logit_adjustment(train_cfg.class_prior, labels).to(device)
         self.privacy = privacy_cfg
         self.device = device
         self.precision = precision
@@ -166,7 +173,7 @@ class LocalTrainer:
         if self.criterion is not None:  # ghost clipping: its criterion does the double backward
             with autocast(self.precision, self.device):
                 logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-            loss = self.criterion(logits.float(), labels)
+            loss = self.criterion(self._adjusted(logits.float()), labels)
             loss.backward()
             value = float(loss.detach())
         else:
@@ -188,7 +195,10 @@ class LocalTrainer:
             if self.task == "causal-lm":
                 return causal_lm_loss(self.model, input_ids, attention_mask, labels).mean()
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-        return batch_loss(logits.float(), labels, self.task)
+        return batch_loss(self._adjusted(logits.float()), labels, self.task)
+
+    def _adjusted(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits if self.adjustment is None else logits + self.adjustment
 
     def _prepare_per_sample_grads(self) -> None:
         # Concatenate accumulated pieces and keep per-sample gradients in fp32 so that the

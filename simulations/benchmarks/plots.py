@@ -104,3 +104,34 @@ def plot_round_time_vs_sites(results: list[dict], stages: list[str], path: Path)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_small_sites(results: list[dict], majority: dict, task: str, path: Path) -> Path:
+    """small_sites: macro-F1 per round of each federated run of ``task``, with the majority class,
+    the frozen-embedding probe and centralized non-private LoRA as reference lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for r in (r for r in results if r["task"] == task):
+        if r["kind"] == "federated":
+            ax.plot([x["round"] for x in r["rounds"]], [x["f1"] for x in r["rounds"]], marker="o",
+                    linestyle="-" if r["class_balance"] != "off" else ":",
+                    label=f"federated eps {r['epsilon_target']:g}, class_balance {r['class_balance']}")
+        else:
+            ax.axhline(r["f1"], color="black" if r["kind"] == "centralized" else "grey",
+                       linestyle="-" if r["kind"] == "centralized" else "--", label=r["name"])
+    ax.axhline(majority["f1"], color="red", linestyle=":", label="always the majority class")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round (0 = before training)")
+    ax.set_ylabel("macro-F1 (coordinator's evaluation rows)")
+    ax.set_title(f"{task}: small, imbalanced sites", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
