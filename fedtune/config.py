@@ -128,8 +128,10 @@ class TrainConfig(_Section):
     # (Menon et al. 2021), so the model's own logits, which predict, are balanced over the classes
     # and a small skewed site's model answers more than the majority class. Under DP this keeps
     # each example's gradient bounded the same way (clipping would undo loss weights).
-    # "off": plain cross-entropy. See simulations/RESULTS.md section 13.
-    class_balance: Literal["off", "logit-adjusted"] = "off"
+    # "off": plain cross-entropy. "auto": logit-adjusted where the prior is skewed (its largest
+    # class at least fedtune.training.auto.SKEWED_PRIOR times its smallest), else off, so that a
+    # balanced task trains exactly as without it. See simulations/RESULTS.md section 13.
+    class_balance: Literal["auto", "off", "logit-adjusted"] = "auto"
     # The class frequencies (label order) the adjustment uses, from rows that cost no site any
     # privacy: the coordinator's own evaluation rows (set by the coordinator) or train-local's
     # held-out rows. Never a site's training-row counts. Empty: filled in where the run starts.

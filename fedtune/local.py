@@ -20,8 +20,7 @@ from fedtune.evaluation import evaluate, generation_scores
 from fedtune.io_utils import atomic_replace_dir, atomic_write_json
 from fedtune.model import build_model, load_tokenizer, resolve_device, uses_chat_template
 from fedtune.privacy.accounting import AccountantHistory, PrivacySpend, planned_noise
-from fedtune.training.auto import resolve_train
-from fedtune.training.losses import label_prior
+from fedtune.training.auto import resolve_class_balance, resolve_train
 from fedtune.training.precision import resolve_precision
 from fedtune.training.trainer import LocalTrainer, TrainResult, dp_sample_rate, steps_per_epoch
 
@@ -100,17 +99,21 @@ def save_adapter(model: torch.nn.Module, folder: Path, model_cfg: Optional[Model
 
 
 def with_local_class_prior(train: TrainConfig, site: Site) -> TrainConfig:
-    """train-local's ``train.class_balance`` prior: from the held-out evaluation rows, which DP-SGD
+    """train-local's ``train.class_balance``, resolved from the held-out evaluation rows, which DP-SGD
     does not train on (the training rows' counts would be a release the accountant does not cover)."""
-    if train.class_balance == "off" or train.class_prior or site.data.label_map is None:
-        return train
+    if site.data.label_map is None or train.class_balance == "off":
+        return train.model_copy(update={"class_balance": "off"})
     if site.data.eval is None:
+        if train.class_balance == "auto":
+            return train.model_copy(update={"class_balance": "off"})
         raise ConfigError("train.class_balance needs evaluation rows for its class prior (data.eval or "
-                         "data.eval_fraction), or train.class_prior set explicitly")
-    prior = [round(p, 6) for p in label_prior((int(y) for y in site.data.eval.labels), site.data.label_map.num_labels)]
-    log.info("train.class_balance = %s: class prior %s from %d evaluation rows", train.class_balance, prior,
-             len(site.data.eval))
-    return train.model_copy(update={"class_prior": prior})
+                          "data.eval_fraction), or train.class_prior set explicitly")
+    resolved = resolve_class_balance(train, "sequence-classification", (int(y) for y in site.data.eval.labels),
+                                     site.data.label_map.num_labels)
+    if resolved.class_balance != "off":
+        log.info("train.class_balance = %s: class prior %s from %d evaluation rows", resolved.class_balance,
+                 resolved.class_prior, len(site.data.eval))
+    return resolved
 
 
 def run_train_local(cfg: FedTuneConfig, out_dir: Path) -> dict:

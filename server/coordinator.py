@@ -28,7 +28,7 @@ from fedtune.federation.refusal import refusal_kind, refusing_site
 from fedtune.io_utils import append_line, atomic_write_json, atomic_write_text, read_jsonl
 from fedtune.privacy.display import epsilon_number, epsilon_record, format_epsilon, worst_epsilon
 from fedtune.privacy.release import EvaluationSums, combine
-from fedtune.training.losses import label_prior
+from fedtune.training.auto import resolve_class_balance
 
 from .central_eval import CentralEvaluator
 from .checkpoints import load_latest, load_optimizer, save_checkpoint
@@ -95,16 +95,15 @@ def coordinator_rows(cfg: FedTuneConfig) -> FederatedRows:
 
 
 def with_class_prior(cfg: FedTuneConfig, rows: FederatedRows) -> FedTuneConfig:
-    """``train.class_balance``: the class prior from the coordinator's own evaluation rows (no site's
-    rows, so no site spends privacy on it), sent to every site in the run config."""
-    if cfg.train.class_balance == "off" or cfg.train.class_prior:
-        return cfg
+    """``train.class_balance`` resolved from the coordinator's own evaluation rows (no site's rows, so
+    no site spends privacy on it): sent to every site in the run config with its class prior."""
     column = rows.columns[1]
     ids = rows.label_map.encode(rows.central[column], range(2, len(rows.central) + 2), rows.central_source, column)
-    prior = [round(p, 6) for p in label_prior(ids, rows.label_map.num_labels)]
-    log.info("train.class_balance = %s: class prior %s from the coordinator's %d evaluation rows",
-             cfg.train.class_balance, prior, len(ids))
-    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"class_prior": prior})})
+    train = resolve_class_balance(cfg.train, cfg.model.task, ids, rows.label_map.num_labels)
+    if train.class_balance != "off":
+        log.info("train.class_balance = %s: class prior %s from the coordinator's %d evaluation rows",
+                 train.class_balance, train.class_prior, len(ids))
+    return cfg.model_copy(update={"train": train})
 
 
 # What a resumed run may change: more rounds, deadlines and the site policy, where outputs go.

@@ -82,9 +82,9 @@ def test_plan_shows_auto_and_noise_to_signal_and_warns_a_site_too_small():
     assert "FFA-LoRA" not in warning and "smaller LoRA rank" not in warning
     # What auto already did (every row in each step) and the class balance a skewed task needs.
     assert 'train.batch_size = "auto" already takes every row (8) in each step' in warning
-    assert 'train.class_balance = "logit-adjusted"' in warning
-    (balanced,) = plan_site(load_config(None, RDP + ["train.class_balance=logit-adjusted"]), "site-1", 8).warnings
-    assert "class_balance" not in balanced
+    assert "class_balance" not in warning  # the default ("auto") already balances skewed labels
+    (unbalanced,) = plan_site(load_config(None, RDP + ["train.class_balance=off"]), "site-1", 8).warnings
+    assert 'train.class_balance = "logit-adjusted"' in unbalanced
     (plain,) = plan_site(load_config(None, RDP + ["lora.freeze_a=false", "lora.r=8"]), "site-1", 8).warnings
     assert "FFA-LoRA" in plain and "smaller LoRA rank (lora.r = 8)" in plain
 

@@ -308,7 +308,11 @@ def test_small_sites_compares_class_balance_settings_with_the_baselines_on_skewe
     assert 0.6 < majority["accuracy"] < 0.8 and majority["f1"] == pytest.approx(
         majority["accuracy"] / (1 + majority["accuracy"]))
     kinds = [(r["kind"], r.get("class_balance")) for r in data["results"]]
-    assert kinds == [("probe", None), ("centralized", None), ("federated", "off"), ("federated", "logit-adjusted")]
+    assert kinds == [("probe", None), ("centralized", None), ("federated", "off"), ("federated", "auto")]
+    off, auto = data["results"][2:]
+    # "auto" on these skewed rows: logit-adjusted, with the coordinator's evaluation rows as the prior.
+    assert (off["class_balance_sent"], off["class_prior"]) == ("off", [])
+    assert auto["class_balance_sent"] == "logit-adjusted" and max(auto["class_prior"]) >= 1.5 * min(auto["class_prior"])
     for r in data["results"]:
         assert 0 <= r["f1"] <= 1 and 1 <= r["predicted_classes"] <= 2
     for fed in data["results"][2:]:

@@ -14,6 +14,7 @@ from fedtune.evaluation import evaluate
 from fedtune.local import prepare_site, run_train_local, with_local_class_prior
 from fedtune.privacy.accounting import planned_noise
 from fedtune.server.coordinator import prepare_run
+from fedtune.training.auto import resolve_class_balance
 from fedtune.training.losses import label_prior, logit_adjustment
 from fedtune.training.trainer import LocalTrainer, dp_sample_rate, steps_per_epoch
 from tests.helpers import tiny_config
@@ -30,6 +31,22 @@ def test_label_prior_is_the_add_one_smoothed_frequency():
     assert torch.allclose(logit_adjustment([0.2, 0.8], 2), torch.log(torch.tensor([0.2, 0.8])))
     with pytest.raises(ValueError, match="3 values for 2 labels"):
         logit_adjustment([0.2, 0.3, 0.5], 2)
+
+
+@pytest.mark.parametrize("balance, task, counts, want", [
+    ("auto", "sequence-classification", [60, 40], "off"),              # 1.5x after smoothing: 61/41 < 1.5
+    ("auto", "sequence-classification", [70, 30], "logit-adjusted"),
+    ("auto", "sequence-classification", [25, 25, 25, 25], "off"),
+    ("auto", "causal-lm", [90, 10], "off"),
+    ("off", "sequence-classification", [90, 10], "off"),
+    ("logit-adjusted", "sequence-classification", [50, 50], "logit-adjusted"),
+])
+def test_auto_adjusts_only_a_skewed_prior(balance, task, counts, want):
+    train = load_config(None, [f"train.class_balance={balance}"]).train
+    ids = [i for i, c in enumerate(counts) for _ in range(c)]
+    got = resolve_class_balance(train, task, ids, len(counts))
+    assert got.class_balance == want
+    assert got.class_prior == (pytest.approx(label_prior(ids, len(counts)), abs=1e-6) if want != "off" else [])
 
 
 def test_the_prior_must_be_positive():
@@ -75,10 +92,15 @@ def test_the_coordinator_takes_the_prior_from_its_own_evaluation_rows(tiny_model
     run = prepare_run(cfg, tmp_path / "run")
     labels = run.cfg.data.labels
     assert run.cfg.train.class_prior == pytest.approx(_smoothed(Counter(r["label"] for r in held_rows), labels), abs=1e-6)
-    # Off: nothing is filled in.
-    off = prepare_run(cfg.model_copy(update={"train": cfg.train.model_copy(update={"class_balance": "off"})}),
-                      tmp_path / "off")
-    assert off.cfg.train.class_prior == []
+    # Off: nothing is filled in. Auto: adjusted here (the coordinator's rows are skewed), not on balanced rows.
+    for balance, rows, want in (("off", held_rows, "off"), ("auto", held_rows, "logit-adjusted"),
+                                ("auto", tiny.separable_rows(100, seed=2, pos_share=0.5), "off")):
+        other = tiny.write_csv(rows, tmp_path / f"eval-{balance}-{want}.csv")
+        run = prepare_run(cfg.model_copy(update={
+            "train": cfg.train.model_copy(update={"class_balance": balance}),
+            "data": cfg.data.model_copy(update={"eval": other})}), tmp_path / f"{balance}-{want}")
+        assert run.cfg.train.class_balance == want
+        assert (run.cfg.train.class_prior != []) == (want != "off")
 
 
 def test_train_local_takes_the_prior_from_its_held_out_rows(tiny_models, tmp_path):
