@@ -55,8 +55,14 @@ class LoraConfig(_Section):
     target_modules: list[str] = []
     # LoRA only in the last N transformer blocks (0: every block). The backward pass then stops
     # at the lowest adapted block (SmolLM2, 10 of 30 blocks: a step 1.8x faster) and DP noises
-    # fewer values; measured in simulations/RESULTS.md section 12.
+    # fewer values, but the SmolLM2 demo learned far less with it (simulations/RESULTS.md
+    # section 12): an option for speed, not a default.
     top_layers: int = Field(0, ge=0)
+    # Sequence classification: train the classification head only; LoRA keeps its zero start and
+    # is neither trained nor sent. A DP linear probe on the model's features: a few hundred noised
+    # values per step instead of tens of thousands, and no backward pass through the encoder. For
+    # sites too small for DP to move the adapters (simulations/RESULTS.md section 13).
+    head_only: bool = False
     # FFA-LoRA: A is drawn from a_seed (the same at every party) and frozen; only B and the
     # head are trained and sent, and averaging B under a shared A averages the products exactly.
     freeze_a: bool = True

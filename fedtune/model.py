@@ -180,6 +180,13 @@ def add_lora(model: torch.nn.Module, cfg: LoraConfig, task: str) -> PeftModel:
     check_dense_lora_targets(peft_model)
     if cfg.freeze_a:
         freeze_lora_a(peft_model, cfg.a_seed)
+    if cfg.head_only:
+        if task != "sequence-classification":
+            raise ModelLoadError("lora.head_only = true needs model.task = \"sequence-classification\" "
+                                 "(a causal LM has no classification head)")
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.requires_grad_(False)
     peft_model.train()  # from_pretrained returns eval mode; Opacus and dropout need train mode
     return peft_model
 

@@ -49,6 +49,16 @@ def test_top_layers_puts_lora_in_the_last_blocks_only(tiny_models, separable_fil
                                  overrides=[f"lora.top_layers={total + 1}"]))
 
 
+def test_head_only_trains_and_sends_the_classification_head_alone(tiny_models, separable_files):
+    site = prepare_site(tiny_config(tiny_models["bert"], separable_files["train"], overrides=["lora.head_only=true"]))
+    names = list(trainable_parameters(site.model))
+    assert names and not any("lora_" in n for n in names) and all("classifier" in n or "score" in n for n in names)
+    assert set(get_adapter_arrays(site.model)) == set(names)  # what a site sends: the head alone
+    with pytest.raises(ModelLoadError, match="lora.head_only"):
+        prepare_site(tiny_config(tiny_models["gpt2"], separable_files["train"], task="causal-lm",
+                                 overrides=["lora.head_only=true"]))
+
+
 def test_gpt_style_tokenizer_gets_a_pad_token(tiny_models):
     cfg = tiny_config(tiny_models["gpt2"])
     tok = load_tokenizer(cfg.model)

@@ -119,8 +119,8 @@ def plot_small_sites(results: list[dict], majority: dict, task: str, path: Path)
     for r in (r for r in results if r["task"] == task):
         if r["kind"] == "federated":
             ax.plot([x["round"] for x in r["rounds"]], [x["f1"] for x in r["rounds"]], marker="o",
-                    linestyle="-" if r["class_balance"] != "off" else ":",
-                    label=f"federated eps {r['epsilon_target']:g}, class_balance {r['class_balance']}")
+                    linestyle=":" if r["class_balance_sent"] == "off" else "-",
+                    label=f"federated eps {r['epsilon_target']:g}, {r['variant']}")
         else:
             ax.axhline(r["f1"], color="black" if r["kind"] == "centralized" else "grey",
                        linestyle="-" if r["kind"] == "centralized" else "--", label=r["name"])

@@ -4,9 +4,10 @@ Real data made small and skewed: SST-2 (2 classes) and AG News (4 topics), 4 sit
 200 and 300 training rows, one class (SST-2: negative, AG News: World) at 60, 70, 80 and 70% of a
 site's rows and the other classes even; the coordinator's 400 evaluation rows (all 872 SST-2 dev
 rows would be balanced: these keep the sites' pooled mix, 72%). Epsilon 3 and 8 per site, SecAgg+,
-5 rounds, fedtune's defaults otherwise, with each class-balance setting (``train.class_balance``:
-"off", and the default "auto", which turns to "logit-adjusted" on these rows, with the class prior
-from the coordinator's evaluation rows). On the union of the
+5 rounds, fedtune's defaults otherwise (VARIANTS): with ``train.class_balance = "off"``, with the
+defaults (class_balance "auto", which turns to "logit-adjusted" on these rows, with the class prior
+from the coordinator's evaluation rows), and with the defaults training the classification head
+only (``lora.head_only``). On the union of the
 same rows, in the same run: a centralized non-private LoRA run and a frozen-embedding probe
 (logistic regression, balanced class weights, on the base model's mean-pooled sentence embeddings).
 Reports accuracy and macro-F1 after the last round against the majority class's, how many classes
@@ -36,7 +37,13 @@ TASKS = {
     "agnews": {"train": "agnews/train.tsv", "eval": "agnews/test.tsv", "text": "text", "majority": "World"},
 }
 TARGET_F1_ABOVE_MAJORITY = 0.10       # at epsilon 8, and half of the way to centralized non-private
-BALANCE = ("off", "auto")              # auto: fedtune's default, logit-adjusted on these skewed rows
+# (name, overrides): plain cross-entropy, fedtune's defaults (class_balance "auto": logit-adjusted
+# on these skewed rows), and the defaults training the classification head only (a DP linear probe).
+VARIANTS: list[tuple[str, tuple[str, ...]]] = [
+    ("class_balance off", ("train.class_balance=off",)),
+    ("defaults", ()),
+    ("head only", ("lora.head_only=true",)),
+]
 # Centralized non-private: the LoRA the utility benchmark measured its non-private baseline with.
 NON_PRIVATE = ["privacy.enabled=false", "lora.r=8", "lora.alpha=16", "lora.freeze_a=false",
                "train.class_balance=off"]
@@ -55,7 +62,7 @@ class Grid:
 def grid(size: str) -> Grid:
     if size == "tiny":
         return Grid(("sst2",), (8.0,), site_rows=(30, 40, 50), site_majority=(0.6, 0.7, 0.8), eval_rows=60, rounds=2)
-    return Grid(tuple(TASKS), (3.0, 8.0), site_rows=(100, 150, 200, 300), site_majority=(0.6, 0.7, 0.8, 0.7),
+    return Grid(tuple(TASKS), (8.0, 3.0), site_rows=(100, 150, 200, 300), site_majority=(0.6, 0.7, 0.8, 0.7),
                 eval_rows=400, rounds=5)
 
 
@@ -114,14 +121,14 @@ def _data(task: str, eval_path: Path) -> list[str]:
             "model.max_length=64"]
 
 
-def federated(model: str, task: str, epsilon: float, balance: str, files: list[Path], eval_path: Path, g: Grid,
-              work: Path) -> dict:
+def federated(model: str, task: str, epsilon: float, variant: str, overrides: tuple[str, ...], files: list[Path],
+              eval_path: Path, g: Grid, work: Path) -> dict:
     sets = _data(task, eval_path) + [
         "federation.partition=files", "federation.site_files=[" + ",".join(f'"{f}"' for f in files) + "]",
         f"federation.sites={len(files)}", f"federation.rounds={g.rounds}", "federation.site_test_fraction=0",
         "federation.fraction_evaluate=0.0", "federation.secure_aggregation=true",
-        "privacy.enabled=true", f"privacy.target_epsilon={epsilon}", f"train.class_balance={balance}"]
-    name = f"{task} federated eps {epsilon:g} class_balance {balance}"
+        "privacy.enabled=true", f"privacy.target_epsilon={epsilon}", *overrides]
+    name = f"{task} federated eps {epsilon:g} {variant}"
     log(f"small_sites: {name}")
     out = work / name.replace(" ", "-")
     records = federated_run(config(model, sets), out)
@@ -130,8 +137,8 @@ def federated(model: str, task: str, epsilon: float, balance: str, files: list[P
     from fedtune.config import load_config
 
     sent = load_config(out / "config.toml").train  # what the coordinator sent the sites
-    return {"name": name, "kind": "federated", "task": task, "epsilon_target": epsilon, "class_balance": balance,
-            "class_balance_sent": sent.class_balance, "class_prior": sent.class_prior,
+    return {"name": name, "kind": "federated", "task": task, "epsilon_target": epsilon, "variant": variant,
+            "overrides": list(overrides), "class_balance_sent": sent.class_balance, "class_prior": sent.class_prior,
             "accuracy": last["accuracy"], "f1": last["f1"], "predicted_classes": last.get("predicted_classes"),
             "rounds": [{"round": r["round"], "accuracy": r["central"]["accuracy"], "f1": r["central"]["f1"]}
                        for r in records],
@@ -158,9 +165,11 @@ def frozen_probe(model: str, task: str, union: Path, eval_path: Path) -> dict:
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score, f1_score
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from fedtune.model import resolve_model_path
 
+    hf_logging.disable_progress_bar()  # the console keeps the benchmark's own lines
     path = resolve_model_path(config(model).model)
     tokenizer, encoder = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
     column = TASKS[task]["text"]
@@ -228,16 +237,22 @@ def run(size: str = "default", out_dir: Path | None = None, workdir: Path | None
             results.append(frozen_probe(model, task, union, eval_path))
             results.append(centralized_non_private(model, task, union, eval_path, g, work))
             for epsilon in g.epsilons:
-                for balance in BALANCE:
-                    results.append(federated(model, task, epsilon, balance, files, eval_path, g, work))
-    _judge(results, majority)
-    text = _table(results, majority)
+                for variant, overrides in VARIANTS:
+                    results.append(federated(model, task, epsilon, variant, overrides, files, eval_path, g, work))
+                    payload = _write(size, g, results, majority, out_dir, started)  # a stopped run keeps its rows
+    print(f"\nSmall, imbalanced sites ({len(g.site_rows)} sites of {', '.join(map(str, g.site_rows))} rows, "
+          f"majority share {', '.join(f'{s:.0%}' for s in g.site_majority)}, {g.rounds} rounds)\n{payload['table']}\n"
+          f"plots: {', '.join(payload['plots'])}")
+    return payload
+
+
+def _write(size: str, g: Grid, results: list[dict], majority: dict, out_dir: Path, started: float) -> dict:
     from simulations.benchmarks.plots import plot_small_sites
 
-    plots = [plot_small_sites(results, majority[t], t, out_dir / f"small_sites-{size}-{t}.png").name for t in g.tasks]
-    print(f"\nSmall, imbalanced sites ({len(g.site_rows)} sites of {', '.join(map(str, g.site_rows))} rows, "
-          f"majority share {', '.join(f'{s:.0%}' for s in g.site_majority)}, {g.rounds} rounds)\n{text}\n"
-          f"plots: {', '.join(plots)}")
+    _judge(results, majority)
+    text = _table(results, majority)
+    tasks = list(dict.fromkeys(r["task"] for r in results))
+    plots = [plot_small_sites(results, majority[t], t, out_dir / f"small_sites-{size}-{t}.png").name for t in tasks]
     payload = {"grid": {"tasks": g.tasks, "epsilons": g.epsilons, "site_rows": g.site_rows,
                         "site_majority": g.site_majority, "eval_rows": g.eval_rows, "rounds": g.rounds},
                "majority": majority, "results": results, "plots": plots, "table": text,
