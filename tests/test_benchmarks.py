@@ -317,9 +317,9 @@ def test_small_sites_compares_class_balance_settings_with_the_baselines_on_skewe
     for r in data["results"]:
         assert 0 <= r["f1"] <= 1 and 1 <= r["predicted_classes"] <= 2
     for fed in data["results"][2:]:
-        assert [x["round"] for x in fed["rounds"]] == [0, 1, 2]
+        assert [x["round"] for x in fed["rounds"]] == [0, 1]
         assert all(0 < e <= 8.0 + 1e-6 for e in fed["epsilon_per_site"].values())
-        assert fed["f1_above_majority"] == pytest.approx(fed["f1"] - majority["f1"])
+        assert fed["f1_above_majority"] == pytest.approx(fed["f1"] - majority["f1"], abs=1e-6)
         assert isinstance(fed["meets_target"], bool)
     assert "majority class" in data["table"]
     assert (tmp_path / data["plots"][0]).stat().st_size > 10_000

@@ -61,7 +61,7 @@ class Grid:
 
 def grid(size: str) -> Grid:
     if size == "tiny":
-        return Grid(("sst2",), (8.0,), site_rows=(30, 40, 50), site_majority=(0.6, 0.7, 0.8), eval_rows=60, rounds=2)
+        return Grid(("sst2",), (8.0,), site_rows=(30, 40, 50), site_majority=(0.6, 0.7, 0.8), eval_rows=60, rounds=1)
     return Grid(tuple(TASKS), (8.0, 3.0), site_rows=(100, 150, 200, 300), site_majority=(0.6, 0.7, 0.8, 0.7),
                 eval_rows=400, rounds=5)
 
@@ -200,8 +200,8 @@ def _judge(results: list[dict], majority: dict) -> None:
             continue
         base = majority[r["task"]]["f1"]
         central = next(c["f1"] for c in results if c["kind"] == "centralized" and c["task"] == r["task"])
-        r["f1_above_majority"] = r["f1"] - base
-        r["share_of_way_to_centralized"] = (r["f1"] - base) / (central - base) if central > base else None
+        r["f1_above_majority"] = round(r["f1"] - base, 6)
+        r["share_of_way_to_centralized"] = round((r["f1"] - base) / (central - base), 4) if central > base else None
         r["meets_target"] = (r["f1_above_majority"] >= TARGET_F1_ABOVE_MAJORITY
                              and (r["share_of_way_to_centralized"] or 0) >= 0.5) if r["epsilon_target"] == 8.0 else None
 
