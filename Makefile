@@ -42,7 +42,7 @@ demo-llm: install
 	$(BIN)/fedtune simulate --config simulations/llm.toml --out runs/demo-llm
 
 # Benchmarks (simulations/RESULTS.md): about 15 minutes, plus deploy_load (35 min measured on 2 heavily shared
-# CPU cores; less on an idle machine) and utility (2 h 20 min) + ablation (45 min); bench-full: more.
+# CPU cores; less on an idle machine) and utility (2 h 20 min) + ablation (45 min) + small_sites (40 min); bench-full: more.
 bench: install
 	$(BIN)/python -m simulations.benchmarks.run_all
 

@@ -263,10 +263,13 @@ def test_audit_sees_training_without_dp_and_stays_below_epsilon_1(tmp_path):
     assert "audit canaries join" in log
 
 
-def test_utility_skips_with_a_reason_without_the_data(tmp_path, monkeypatch):
-    monkeypatch.setattr(utility, "SHARED_DATA", tmp_path / "absent")
-    payload = utility.run("tiny", tmp_path)
-    assert "absent" in payload["skipped"] and not (tmp_path / "utility-tiny.json").exists()
+@pytest.mark.parametrize("benchmark", [utility, ablation, small_sites])
+def test_real_data_benchmarks_skip_with_a_reason_without_the_data(tmp_path, monkeypatch, benchmark):
+    from simulations.benchmarks import common
+
+    monkeypatch.setattr(common, "SHARED_DATA", tmp_path / "absent")
+    payload = benchmark.run("tiny", tmp_path)
+    assert "absent" in payload["skipped"] and not list(tmp_path.glob("*-tiny.json"))
 
 
 def test_run_all_runs_in_order_and_summarises(tmp_path, monkeypatch):

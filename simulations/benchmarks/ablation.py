@@ -25,7 +25,8 @@ import json
 import tempfile
 from pathlib import Path
 
-from simulations.benchmarks.common import RESULTS, SHARED_DATA, log, main_for, model_name, table, write_json
+from simulations.benchmarks.common import (RESULTS, log, main_for, model_name, skipped_without_shared_data, table,
+                                           write_json)
 from simulations.benchmarks.plots import plot_utility
 from simulations.benchmarks.utility import TRAIN, Grid, data_files, federated, grid
 
@@ -69,10 +70,8 @@ def reusable_defaults(size: str, out_dir: Path, g: Grid) -> dict | None:
 
 def run(size: str = "default", out_dir: Path | None = None, workdir: Path | None = None) -> dict:
     out_dir = Path(out_dir) if out_dir is not None else RESULTS
-    if not SHARED_DATA.is_dir():
-        reason = f"{SHARED_DATA} is absent (real SST-2 data, see its README): ablation benchmark skipped"
-        log(reason)
-        return {"skipped": reason, "table": reason}
+    if (skipped := skipped_without_shared_data("ablation")) is not None:
+        return skipped
     g = grid(size)
     variants = TINY_VARIANTS if size == "tiny" else VARIANTS
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,15 @@ def log(msg: str) -> None:
     print(f"[{dt.datetime.now():%H:%M:%S}] {msg}", flush=True)
 
 
+def skipped_without_shared_data(benchmark: str) -> dict | None:
+    """The benchmark's result when ../shared/data (real SST-2 / AG News) is absent: skipped, saying why."""
+    if SHARED_DATA.is_dir():
+        return None
+    reason = f"{SHARED_DATA} is absent (real SST-2 / AG News data, see its README): {benchmark} skipped"
+    log(reason)
+    return {"skipped": reason, "table": reason}
+
+
 def model_name(size: str, workdir: Path) -> str:
     """The bundled MiniLM, or (tiny mode, for CI) a tiny random BERT saved with save_pretrained."""
     if size != "tiny":

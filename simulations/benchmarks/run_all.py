@@ -1,7 +1,7 @@
 """Every benchmark, one after another (never two Ray simulations at once), then a summary of all
 their tables in simulations/results/summary-<size>.md.
 
-    python -m simulations.benchmarks.run_all           # default size: the other benchmarks ~15 min, deploy_load ~35 min (loaded machine); utility 2 h 20 min and ablation 45 min on 2 CPU cores
+    python -m simulations.benchmarks.run_all           # default size: the other benchmarks ~15 min, deploy_load ~35 min (loaded machine); utility 2 h 20 min, ablation 45 min and small_sites about 40 min on 2 CPU cores
     python -m simulations.benchmarks.run_all --full    # the whole grid, more rows (hours on a CPU)
     python -m simulations.benchmarks.run_all --tiny    # tiny random model, a few steps: what CI runs
 """
@@ -18,13 +18,14 @@ if __package__ in (None, ""):  # run as a file: make the `simulations.benchmarks
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from simulations.benchmarks import (  # noqa: E402
-    ablation, audit, deploy_load, deploy_vs_sim, scale, secagg_cost, secagg_shares, step_time, traffic, utility)
+    ablation, audit, deploy_load, deploy_vs_sim, scale, secagg_cost, secagg_shares, small_sites, step_time, traffic,
+    utility)
 from simulations.benchmarks.common import RESULTS, log, machine, quiet_console  # noqa: E402
 
 BENCHMARKS = {"step_time": step_time, "traffic": traffic, "secagg_cost": secagg_cost, "secagg_shares": secagg_shares,
               "scale": scale,
               "deploy_load": deploy_load, "deploy_vs_sim": deploy_vs_sim, "utility": utility, "ablation": ablation,
-              "audit": audit}
+              "audit": audit, "small_sites": small_sites}
 
 
 def run_all(size: str, out_dir: Path | None = None, only: list[str] | None = None) -> Path:

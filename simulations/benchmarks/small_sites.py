@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from simulations.benchmarks.common import (RESULTS, SHARED_DATA, config, federated_run, log, main_for, model_name,
-                                           table, write_json)
+                                           skipped_without_shared_data, table, write_json)
 
 TASKS = {
     "sst2": {"train": "sst2/train.tsv", "eval": "sst2/validation.tsv", "text": "sentence", "majority": "0"},
@@ -219,10 +219,8 @@ def _table(results: list[dict], majority: dict) -> str:
 
 def run(size: str = "default", out_dir: Path | None = None, workdir: Path | None = None) -> dict:
     out_dir = Path(out_dir) if out_dir is not None else RESULTS
-    if not SHARED_DATA.is_dir():
-        reason = f"{SHARED_DATA} is absent (real SST-2 / AG News data, see its README): small_sites skipped"
-        log(reason)
-        return {"skipped": reason, "table": reason}
+    if (skipped := skipped_without_shared_data("small_sites")) is not None:
+        return skipped
     g = grid(size)
     out_dir.mkdir(parents=True, exist_ok=True)
     results: list[dict] = []

@@ -23,8 +23,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from simulations.benchmarks.common import (RESULTS, SHARED_DATA, config, federated_run, log, main_for, table,
-                                           write_json, model_name)
+from simulations.benchmarks.common import (RESULTS, SHARED_DATA, config, federated_run, log, main_for, model_name,
+                                           skipped_without_shared_data, table, write_json)
 from simulations.benchmarks.plots import plot_accuracy_vs_epsilon, plot_utility
 
 # Each split names the data file it samples from; the AG News splits share one sample of rows.
@@ -216,10 +216,8 @@ def _fed_eval_table(results: list[dict]) -> str:
 
 def run(size: str = "default", out_dir: Path | None = None, workdir: Path | None = None) -> dict:
     out_dir = Path(out_dir) if out_dir is not None else RESULTS
-    if not SHARED_DATA.is_dir():
-        reason = f"{SHARED_DATA} is absent (real SST-2 / AG News data, see its README): utility benchmark skipped"
-        log(reason)
-        return {"skipped": reason, "table": reason}
+    if (skipped := skipped_without_shared_data("utility benchmark")) is not None:
+        return skipped
     g = grid(size)
     out_dir.mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
