@@ -200,8 +200,8 @@ def _judge(results: list[dict], majority: dict) -> None:
             continue
         base = majority[r["task"]]["f1"]
         central = next(c["f1"] for c in results if c["kind"] == "centralized" and c["task"] == r["task"])
-        r["f1_above_majority"] = round(r["f1"] - base, 6)
-        r["share_of_way_to_centralized"] = round((r["f1"] - base) / (central - base), 4) if central > base else None
+        r["f1_above_majority"] = round(r["f1"] - base, 6) + 0.0  # + 0.0: no "-0"
+        r["share_of_way_to_centralized"] = round((r["f1"] - base) / (central - base), 4) + 0.0 if central > base else None
         r["meets_target"] = (r["f1_above_majority"] >= TARGET_F1_ABOVE_MAJORITY
                              and (r["share_of_way_to_centralized"] or 0) >= 0.5) if r["epsilon_target"] == 8.0 else None
 
