@@ -215,7 +215,9 @@ def test_ablation_reuses_the_utility_benchmarks_run_of_the_defaults(tmp_path, mo
         trained.append(variant)
         return dict(done, accuracy=0.75, variant=variant, overrides=list(extra))
 
-    monkeypatch.setattr(ablation, "SHARED_DATA", tmp_path)
+    from simulations.benchmarks import common
+
+    monkeypatch.setattr(common, "SHARED_DATA", tmp_path)  # the real-data check passes
     monkeypatch.setattr(ablation, "model_name", lambda size, work: "model")
     monkeypatch.setattr(ablation, "data_files", lambda *a, **k: (tmp_path / "t", tmp_path / "e"))
     monkeypatch.setattr(ablation, "federated", federated)
