@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from fedtune.config import PrivacyConfig, TrainConfig
 from fedtune.privacy.accounting import planned_noise
+from fedtune.training.losses import label_prior
 
 AUTO = "auto"
 # class_balance "auto" adjusts the logits when the largest class is at least this many times the
@@ -108,8 +109,6 @@ def resolve_class_balance(train: TrainConfig, task: str, label_ids, num_labels: 
     """``train`` with ``class_balance`` resolved (``auto`` becomes ``logit-adjusted`` or ``off``) and,
     where logit-adjusted, ``class_prior`` from ``label_ids``: evaluation rows that cost no site any
     privacy. An explicit ``class_prior`` is kept."""
-    from fedtune.training.losses import label_prior
-
     if task != "sequence-classification" or train.class_balance == "off":
         return train.model_copy(update={"class_balance": "off"})
     prior = list(train.class_prior) or [round(p, 6) for p in label_prior(label_ids, num_labels)]

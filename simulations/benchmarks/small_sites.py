@@ -123,6 +123,8 @@ def _data(task: str, eval_path: Path) -> list[str]:
 
 def federated(model: str, task: str, epsilon: float, variant: str, overrides: tuple[str, ...], files: list[Path],
               eval_path: Path, g: Grid, work: Path) -> dict:
+    from fedtune.config import load_config
+
     sets = _data(task, eval_path) + [
         "federation.partition=files", "federation.site_files=[" + ",".join(f'"{f}"' for f in files) + "]",
         f"federation.sites={len(files)}", f"federation.rounds={g.rounds}", "federation.site_test_fraction=0",
@@ -134,8 +136,6 @@ def federated(model: str, task: str, epsilon: float, variant: str, overrides: tu
     records = federated_run(config(model, sets), out)
     privacy = json.loads((out / "privacy.json").read_text())
     last = records[-1]["central"]
-    from fedtune.config import load_config
-
     sent = load_config(out / "config.toml").train  # what the coordinator sent the sites
     return {"name": name, "kind": "federated", "task": task, "epsilon_target": epsilon, "variant": variant,
             "overrides": list(overrides), "class_balance_sent": sent.class_balance, "class_prior": sent.class_prior,
@@ -158,32 +158,28 @@ def centralized_non_private(model: str, task: str, union: Path, eval_path: Path,
 
 
 def frozen_probe(model: str, task: str, union: Path, eval_path: Path) -> dict:
-    """Logistic regression (balanced class weights) on the frozen base model's mean-pooled embeddings."""
+    """Logistic regression (balanced class weights) on the frozen base model's sentence embeddings:
+    fedtune's own load path and masked mean pooling, the features its classification head reads."""
     import numpy as np
     import pandas as pd
     import torch
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score, f1_score
-    from transformers import AutoModel, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    from fedtune.model import resolve_model_path
+    from fedtune.model import load_base_model, load_tokenizer
 
-    hf_logging.disable_progress_bar()  # the console keeps the benchmark's own lines
-    path = resolve_model_path(config(model).model)
-    tokenizer, encoder = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    cfg = config(model, ["model.max_length=64"]).model
+    tokenizer = load_tokenizer(cfg)
+    net = load_base_model(cfg, tokenizer, {0: "a", 1: "b"}).eval()
+    encoder = getattr(net, net.base_model_prefix)  # its pooler is fedtune's MaskedMeanPooler
     column = TASKS[task]["text"]
 
     def embed(file: Path):
         frame = pd.read_json(file, lines=True, dtype=False)
-        out = []
+        texts = list(frame[column].astype(str))
         with torch.no_grad():
-            for start in range(0, len(frame), 64):
-                batch = tokenizer(list(frame[column].astype(str)[start:start + 64]), padding=True, truncation=True,
-                                  max_length=64, return_tensors="pt")
-                hidden = encoder(**batch).last_hidden_state
-                mask = batch["attention_mask"].unsqueeze(-1).float()
-                out.append(((hidden * mask).sum(1) / mask.sum(1)).numpy())
+            out = [encoder(**tokenizer(texts[i:i + 64], padding=True, truncation=True, max_length=cfg.max_length,
+                                       return_tensors="pt")).pooler_output.numpy() for i in range(0, len(texts), 64)]
         return np.concatenate(out), frame["label"].astype(str).to_numpy()
 
     x, y = embed(union)
