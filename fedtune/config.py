@@ -130,15 +130,18 @@ class TrainConfig(_Section):
     learning_rate: Annotated[Union[float, Literal["auto"]], BeforeValidator(_auto_or(float, 0, "gt"))] = "auto"
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    # Sequence classification on skewed labels. "logit-adjusted": the loss reads logits + log(prior)
-    # (Menon et al. 2021), so the model's own logits, which predict, are balanced over the classes
-    # and a small skewed site's model answers more than the majority class. Under DP this keeps
-    # each example's gradient bounded the same way (clipping would undo loss weights).
-    # "off": plain cross-entropy. "auto": logit-adjusted where the prior is skewed (its largest
-    # class at least fedtune.training.auto.SKEWED_PRIOR times its smallest), else off, so that a
-    # balanced task trains exactly as without it. See simulations/RESULTS.md section 13.
-    class_balance: Literal["auto", "off", "logit-adjusted"] = "auto"
-    # The class frequencies (label order) the adjustment uses, from rows that cost no site any
+    # Sequence classification on skewed labels. Under DP every clipped per-example gradient has
+    # about the same norm, so each class pulls in proportion to its rows and a small skewed site
+    # learns to answer its majority class; loss weights do not help, clipping undoes them.
+    # "reweighted": each example's gradient is multiplied, after clipping, by the smallest class
+    # prior over its class's prior (at most 1: no privacy cost), so every class pulls alike; without
+    # DP, the class-weighted loss. "logit-adjusted": the loss reads logits + log(prior) (Menon et
+    # al. 2021), which balances an unclipped loss but not clipped gradients. "off": plain
+    # cross-entropy. "auto": reweighted where the prior is skewed (its largest class at least
+    # fedtune.training.auto.SKEWED_PRIOR times its smallest), else off, so that a balanced task
+    # trains exactly as without it. See simulations/RESULTS.md section 13.
+    class_balance: Literal["auto", "off", "reweighted", "logit-adjusted"] = "auto"
+    # The class frequencies (label order) reweighting or the adjustment uses, from rows that cost no site any
     # privacy: the coordinator's own evaluation rows (set by the coordinator) or train-local's
     # held-out rows. Never a site's training-row counts. Empty: filled in where the run starts.
     class_prior: list[Annotated[float, Field(gt=0)]] = []

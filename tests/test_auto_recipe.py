@@ -84,7 +84,7 @@ def test_plan_shows_auto_and_noise_to_signal_and_warns_a_site_too_small():
     assert 'train.batch_size = "auto" already takes every row (8) in each step' in warning
     assert "class_balance" not in warning  # the default ("auto") already balances skewed labels
     (unbalanced,) = plan_site(load_config(None, RDP + ["train.class_balance=off"]), "site-1", 8).warnings
-    assert 'train.class_balance = "logit-adjusted"' in unbalanced
+    assert 'train.class_balance = "reweighted"' in unbalanced
     (plain,) = plan_site(load_config(None, RDP + ["lora.freeze_a=false", "lora.r=8"]), "site-1", 8).warnings
     assert "FFA-LoRA" in plain and "smaller LoRA rank (lora.r = 8)" in plain
 

@@ -313,12 +313,12 @@ def test_small_sites_compares_class_balance_settings_with_the_baselines_on_skewe
     assert 0.6 < majority["accuracy"] < 0.8 and majority["f1"] == pytest.approx(
         majority["accuracy"] / (1 + majority["accuracy"]))
     kinds = [(r["kind"], r.get("variant")) for r in data["results"]]
-    assert kinds == [("probe", None), ("centralized", None), *(("federated", v) for v, _ in small_sites.VARIANTS)]
-    off, auto, head = data["results"][2:]
-    assert head["overrides"] == ["lora.head_only=true"] and head["class_balance_sent"] == "logit-adjusted"
-    # "auto" on these skewed rows: logit-adjusted, with the coordinator's evaluation rows as the prior.
+    assert kinds == [("probe", None), ("centralized", None), ("federated", "class_balance off"), ("federated", "defaults")]
+    assert data["grid"]["variants"] == ["class_balance off", "defaults"]
+    off, auto = data["results"][2:]
+    # "auto" on these skewed rows: reweighted, with the coordinator's evaluation rows as the prior.
     assert (off["class_balance_sent"], off["class_prior"]) == ("off", [])
-    assert auto["class_balance_sent"] == "logit-adjusted" and max(auto["class_prior"]) >= 1.5 * min(auto["class_prior"])
+    assert auto["class_balance_sent"] == "reweighted" and max(auto["class_prior"]) >= 1.5 * min(auto["class_prior"])
     for r in data["results"]:
         assert 0 <= r["f1"] <= 1 and 1 <= r["predicted_classes"] <= 2
     for fed in data["results"][2:]:

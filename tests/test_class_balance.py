@@ -1,5 +1,6 @@
-"""train.class_balance = "logit-adjusted": the loss reads logits + log(prior), the prior comes from rows
-that cost no site privacy (the coordinator's evaluation rows, train-local's held-out rows)."""
+"""train.class_balance: "reweighted" weights each example's clipped gradient by its class (the class-
+weighted loss without DP), "logit-adjusted" makes the loss read logits + log(prior); the prior comes
+from rows that cost no site privacy (the coordinator's evaluation rows, train-local's held-out rows)."""
 
 import math
 from collections import Counter
@@ -15,7 +16,7 @@ from fedtune.local import prepare_site, run_train_local, with_local_class_prior
 from fedtune.privacy.accounting import planned_noise
 from fedtune.server.coordinator import prepare_run
 from fedtune.training.auto import resolve_class_balance
-from fedtune.training.losses import label_prior, logit_adjustment
+from fedtune.training.losses import class_weights, label_prior, logit_adjustment
 from fedtune.training.trainer import LocalTrainer, dp_sample_rate, steps_per_epoch
 from tests.helpers import tiny_config
 
@@ -31,15 +32,20 @@ def test_label_prior_is_the_add_one_smoothed_frequency():
     assert torch.allclose(logit_adjustment([0.2, 0.8], 2), torch.log(torch.tensor([0.2, 0.8])))
     with pytest.raises(ValueError, match="3 values for 2 labels"):
         logit_adjustment([0.2, 0.3, 0.5], 2)
+    # reweighted: the smallest prior over each class's, so no weight exceeds 1 (no privacy cost)
+    assert torch.allclose(class_weights([0.2, 0.5, 0.3], 3), torch.tensor([1.0, 0.4, 2 / 3]))
+    with pytest.raises(ValueError, match="3 values for 2 labels"):
+        class_weights([0.2, 0.3, 0.5], 2)
 
 
 @pytest.mark.parametrize("balance, task, counts, want", [
     ("auto", "sequence-classification", [60, 40], "off"),              # 1.5x after smoothing: 61/41 < 1.5
-    ("auto", "sequence-classification", [70, 30], "logit-adjusted"),
+    ("auto", "sequence-classification", [70, 30], "reweighted"),
     ("auto", "sequence-classification", [25, 25, 25, 25], "off"),
     ("auto", "causal-lm", [90, 10], "off"),
     ("off", "sequence-classification", [90, 10], "off"),
     ("logit-adjusted", "sequence-classification", [50, 50], "logit-adjusted"),
+    ("reweighted", "sequence-classification", [50, 50], "reweighted"),
 ])
 def test_auto_adjusts_only_a_skewed_prior(balance, task, counts, want):
     train = load_config(None, [f"train.class_balance={balance}"]).train
@@ -73,8 +79,28 @@ def test_the_training_loss_adds_the_log_prior_to_the_logits(tiny_models, separab
     trainer.close()
 
 
-def test_logit_adjustment_without_a_prior_is_refused(tiny_models, separable_files):
-    cfg = tiny_config(tiny_models["bert"], separable_files["train"], overrides=["train.class_balance=logit-adjusted"])
+def test_without_dp_reweighted_is_the_class_weighted_loss(tiny_models, separable_files):
+    # (With DP the weights multiply the clipped per-example gradients: tests/test_dp_training.py.)
+    prior = [0.8, 0.2]
+    cfg = tiny_config(tiny_models["bert"], separable_files["train"], overrides=[
+        "privacy.enabled=false", "train.class_balance=reweighted", f"train.class_prior={prior}"])
+    site = prepare_site(cfg)
+    trainer = LocalTrainer(site.model, site.data.train, site.collate, cfg.model.task, cfg.train, cfg.privacy,
+                           site.device, "fp32")
+    input_ids, mask, labels = site.collate([site.data.train[i] for i in range(8)])
+    assert 0 < int(labels.sum()) < 8, "test needs both classes in the batch"
+    got = float(trainer.loss(input_ids, mask, labels))
+    with torch.no_grad():
+        logits = trainer.model(input_ids=input_ids, attention_mask=mask).logits.float()
+    weights = torch.tensor([0.25, 1.0])[labels]
+    assert got == pytest.approx(float((F.cross_entropy(logits, labels, reduction="none") * weights).mean()), rel=1e-5)
+    assert got != pytest.approx(float(F.cross_entropy(logits, labels)), rel=1e-3)
+    trainer.close()
+
+
+@pytest.mark.parametrize("balance", ["logit-adjusted", "reweighted"])
+def test_class_balance_without_a_prior_is_refused(tiny_models, separable_files, balance):
+    cfg = tiny_config(tiny_models["bert"], separable_files["train"], overrides=[f"train.class_balance={balance}"])
     site = prepare_site(cfg)
     with pytest.raises(ValueError, match="needs train.class_prior"):
         LocalTrainer(site.model, site.data.train, site.collate, cfg.model.task, cfg.train, cfg.privacy,
@@ -92,8 +118,8 @@ def test_the_coordinator_takes_the_prior_from_its_own_evaluation_rows(tiny_model
     run = prepare_run(cfg, tmp_path / "run")
     labels = run.cfg.data.labels
     assert run.cfg.train.class_prior == pytest.approx(_smoothed(Counter(r["label"] for r in held_rows), labels), abs=1e-6)
-    # Off: nothing is filled in. Auto: adjusted here (the coordinator's rows are skewed), not on balanced rows.
-    for balance, rows, want in (("off", held_rows, "off"), ("auto", held_rows, "logit-adjusted"),
+    # Off: nothing is filled in. Auto: reweighted here (the coordinator's rows are skewed), not on balanced rows.
+    for balance, rows, want in (("off", held_rows, "off"), ("auto", held_rows, "reweighted"),
                                 ("auto", tiny.separable_rows(100, seed=2, pos_share=0.5), "off")):
         other = tiny.write_csv(rows, tmp_path / f"eval-{balance}-{want}.csv")
         run = prepare_run(cfg.model_copy(update={
@@ -119,12 +145,13 @@ def test_train_local_takes_the_prior_from_its_held_out_rows(tiny_models, tmp_pat
 @pytest.mark.slow
 def test_a_skewed_task_under_dp_predicts_more_than_the_majority_class(tiny_models, tmp_path):
     # 10% "pos" rows, DP at epsilon 8: plain cross-entropy answers "neg" for every row (measured:
-    # macro-F1 0.47, the majority class's), the logit-adjusted loss answers both classes (0.82-0.84
-    # over two pairs of seeds). Fixed sampling and noise secrets: the test must not depend on luck.
+    # macro-F1 0.47, the majority class's), the reweighted clipped gradients answer both classes
+    # (0.74; a balanced objective gives up some majority-class accuracy: 0.85 against 0.90). Fixed
+    # sampling and noise secrets: the test must not depend on luck.
     train = tiny.write_csv(tiny.separable_rows(2048, seed=1, signal=0.9, pos_share=0.1), tmp_path / "train.csv")
     held = tiny.write_csv(tiny.separable_rows(400, seed=2, signal=0.9, pos_share=0.1), tmp_path / "eval.csv")
     scores = {}
-    for balance in ("off", "logit-adjusted"):
+    for balance in ("off", "reweighted"):
         cfg = tiny_config(tiny_models["bert"], train, held, overrides=[
             "train.batch_size=512", "train.physical_batch_size=512", "train.epochs=10", "train.learning_rate=2e-2",
             "privacy.target_epsilon=8", "lora.r=8", f"train.class_balance={balance}"])
@@ -139,8 +166,8 @@ def test_a_skewed_task_under_dp_predicts_more_than_the_majority_class(tiny_model
         result = trainer.train(steps)
         assert result.epsilon(1e-5) <= 8.0
         scores[balance] = evaluate(trainer.close(), site.data.eval, site.collate, cfg.model.task, site.device)
-    off, adjusted = scores["off"], scores["logit-adjusted"]
+    off, balanced = scores["off"], scores["reweighted"]
     majority_f1 = (2 * 0.9 / 1.9) / 2  # about: the eval rows are 10% "pos" too
     assert off["predicted_classes"] == 1 and off["f1"] == pytest.approx(majority_f1, abs=0.03), off
-    assert adjusted["predicted_classes"] == 2 and adjusted["f1"] >= off["f1"] + 0.2, adjusted
-    assert adjusted["accuracy"] >= off["accuracy"] - 0.02, (off, adjusted)
+    assert balanced["predicted_classes"] == 2 and balanced["f1"] >= off["f1"] + 0.2, balanced
+    assert balanced["accuracy"] >= 0.8, (off, balanced)

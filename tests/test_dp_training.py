@@ -50,6 +50,8 @@ LLAMA_ALL = ['lora.target_modules=["q_proj","k_proj","v_proj","o_proj","gate_pro
 INSTRUCTIONS = ['data.prompt_column="text"', 'data.response_column="label"']
 # Logit adjustment: a constant added to every row's logits keeps each example's gradient its own.
 BALANCED = ["train.class_balance=logit-adjusted", "train.class_prior=[0.7, 0.3]"]
+# Reweighting: each clipped per-example gradient times its class weight (min prior / its prior <= 1).
+REWEIGHTED = ["train.class_balance=reweighted", "train.class_prior=[0.7, 0.3]"]
 
 
 @pytest.mark.parametrize(
@@ -57,6 +59,8 @@ BALANCED = ["train.class_balance=logit-adjusted", "train.class_prior=[0.7, 0.3]"
     [
         ("bert", "sequence-classification", "fp32", 1e-4, []),
         ("bert", "sequence-classification", "fp32", 1e-4, BALANCED),
+        ("bert", "sequence-classification", "fp32", 1e-4, REWEIGHTED),
+        ("bert", "sequence-classification", "fp16", 1e-2, REWEIGHTED),
         ("gpt2", "causal-lm", "fp32", 1e-4, []),
         ("llama", "causal-lm", "fp32", 1e-4, []),
         ("gguf-llama", "causal-lm", "fp32", 1e-4, LLAMA_ALL),
@@ -78,11 +82,15 @@ def test_noise_free_dp_step_equals_clipped_per_sample_average(tiny_models, separ
         for name, p in trainable_parameters(site.model).items():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-    shift = torch.log(torch.tensor(cfg.train.class_prior)) if cfg.train.class_prior else 0.0
+    reweighted = cfg.train.class_balance == "reweighted"
+    shift = torch.log(torch.tensor(cfg.train.class_prior)) if cfg.train.class_prior and not reweighted else 0.0
     reference = _per_example_gradients(site.model, batch, task, shift)
     norms = [float(torch.sqrt(sum((g ** 2).sum() for g in grads))) for grads in reference]
     assert min(norms) > MAX_NORM, "test needs every sample to be clipped"
     factors = [min(1.0, MAX_NORM / (n + 1e-6)) for n in norms]
+    if reweighted:  # the clipping factor times the class weight: 0.3 / 0.7 for class 0, 1 for class 1
+        assert 0 < int(batch[2].sum()) < len(batch[2]), "test needs both classes in the batch"
+        factors = [f * (1.0 if int(y) == 1 else 0.3 / 0.7) for f, y in zip(factors, batch[2])]
 
     before = get_adapter_arrays(site.model)
     trainer = LocalTrainer(site.model, site.data.train, site.collate, task, cfg.train, cfg.privacy,
@@ -92,15 +100,16 @@ def test_noise_free_dp_step_equals_clipped_per_sample_average(tiny_models, separ
     # (causal LM: logits only where a token is supervised; the reference used every position)
     loss = trainer.loss(*batch)
     (trainer.scaler.scale_loss(loss) if trainer.scaler else loss).backward()
-    trainer._prepare_per_sample_grads()
+    trainer._prepare_per_sample_grads(batch[2])
     params = list(trainable_parameters(trainer.model).values())
     assert len(params) == len(reference[0])
     # 1. Every trainable tensor has a per-sample gradient equal to the per-example reference
-    #    (loss_reduction="mean": Opacus's per-sample gradient is that example's own gradient).
+    #    (loss_reduction="mean": Opacus's per-sample gradient is that example's own gradient;
+    #    reweighted: already clipped and weighted, within the clipping norm).
     for k, p in enumerate(params):
         assert p.grad_sample is not None and p.grad_sample.dtype == torch.float32
         for i, grads in enumerate(reference):
-            err = _rel(p.grad_sample[i], grads[k])
+            err = _rel(p.grad_sample[i], factors[i] * grads[k] if reweighted else grads[k])
             assert err < rtol, f"per-sample gradient of tensor {k}, example {i}: relative error {err:.2e}"
     assert trainer.optimizer.pre_step()
     # 2. The DP gradient is the clipped per-sample gradients summed and averaged. Errors are
@@ -115,6 +124,48 @@ def test_noise_free_dp_step_equals_clipped_per_sample_average(tiny_models, separ
     unchanged = [n for n in before if np.array_equal(before[n], after[n])]
     assert not unchanged, f"tensors not updated by the DP step: {unchanged}"
     trainer.close()
+
+
+def _noise_free_dp_gradient(cfg, batch, mode: str, weights) -> list[torch.Tensor]:
+    """The DP gradient (clipped, weighted, summed, averaged; no noise) of one batch, ``mode`` hooks
+    or ghost, from the same initial adapter (LoRA B set by a fixed seed)."""
+    site = prepare_site(cfg.model_copy(update={"privacy": cfg.privacy.model_copy(update={"grad_sample_mode": mode})}))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in trainable_parameters(site.model).items():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    train = cfg.train.model_copy(update=weights)
+    trainer = LocalTrainer(site.model, site.data.train, site.collate, cfg.model.task, train,
+                           cfg.privacy.model_copy(update={"grad_sample_mode": mode}), site.device, "fp32",
+                           noise_multiplier=0.0)
+    input_ids, mask, labels = batch
+    if mode == "ghost":
+        trainer._batch_weights = trainer.class_weights[labels] if trainer.class_weights is not None else None
+        logits = trainer.model(input_ids=input_ids, attention_mask=mask).logits
+        trainer.criterion(logits.float(), labels).backward()
+    else:
+        trainer.loss(input_ids, mask, labels).backward()
+        trainer._prepare_per_sample_grads(labels)
+    assert trainer.optimizer.pre_step()
+    grads = [p.grad.detach().clone() for p in trainer.params]
+    trainer.close()
+    return grads
+
+
+def test_ghost_clipping_weights_classes_as_the_hooks_path_does(tiny_models, separable_files):
+    cfg = tiny_config(tiny_models["bert"], separable_files["train"],
+                      overrides=[f"privacy.max_grad_norm={MAX_NORM}", "train.learning_rate=1e-2"])
+    site = prepare_site(cfg)
+    batch = site.collate([site.data.train[i] for i in range(6)])
+    assert 0 < int(batch[2].sum()) < 6, "test needs both classes in the batch"
+    reweighted = {"class_balance": "reweighted", "class_prior": [0.7, 0.3]}
+    hooks = _noise_free_dp_gradient(cfg, batch, "hooks", reweighted)
+    ghost = _noise_free_dp_gradient(cfg, batch, "ghost", reweighted)
+    plain = _noise_free_dp_gradient(cfg, batch, "ghost", {"class_balance": "off"})
+    for k, (h, g, u) in enumerate(zip(hooks, ghost, plain)):
+        assert _rel(g, h) < 1e-4, f"tensor {k}: ghost and hooks differ"
+        assert _rel(u, h) > 1e-2, f"tensor {k}: the class weights changed nothing"
 
 
 def test_every_lora_tensor_moves_and_frozen_base_is_bit_identical(tiny_models, separable_files):

@@ -116,7 +116,7 @@ def too_small_warnings(cfg: FedTuneConfig, plan: SitePlan) -> list[str]:
         helps.append(f"a smaller LoRA rank (lora.r = {cfg.lora.r})")
     helps.append(f"a larger epsilon (privacy.target_epsilon = {plan.target_epsilon:g}), if the site allows it")
     if cfg.model.task == "sequence-classification" and cfg.train.class_balance == "off":
-        helps.append("on skewed labels, train.class_balance = \"logit-adjusted\" (a model that learns little "
+        helps.append("on skewed labels, train.class_balance = \"reweighted\" (a model that learns little "
                      "otherwise answers only the majority class)")
     done = ""
     if plan.batch_auto:

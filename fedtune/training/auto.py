@@ -16,7 +16,7 @@ The rule (measurements in simulations/RESULTS.md, literature in shared notes):
   SST-2 in simulations/RESULTS.md), 1e-3 without.
 
 ``train.class_balance = "auto"`` is resolved where the run starts (the coordinator, train-local),
-from evaluation rows: logit-adjusted where the class prior is skewed, else off
+from evaluation rows: reweighted where the class prior is skewed, else off
 (``resolve_class_balance``).
 """
 
@@ -106,13 +106,13 @@ def noise_to_signal(noise_multiplier: float, batch_size: int) -> float:
 
 
 def resolve_class_balance(train: TrainConfig, task: str, label_ids, num_labels: int) -> TrainConfig:
-    """``train`` with ``class_balance`` resolved (``auto`` becomes ``logit-adjusted`` or ``off``) and,
-    where logit-adjusted, ``class_prior`` from ``label_ids``: evaluation rows that cost no site any
+    """``train`` with ``class_balance`` resolved (``auto`` becomes ``reweighted`` or ``off``) and,
+    where balanced, ``class_prior`` from ``label_ids``: evaluation rows that cost no site any
     privacy. An explicit ``class_prior`` is kept."""
     if task != "sequence-classification" or train.class_balance == "off":
         return train.model_copy(update={"class_balance": "off"})
     prior = list(train.class_prior) or [round(p, 6) for p in label_prior(label_ids, num_labels)]
     balance = train.class_balance
     if balance == AUTO:
-        balance = "logit-adjusted" if max(prior) >= SKEWED_PRIOR * min(prior) else "off"
+        balance = "reweighted" if max(prior) >= SKEWED_PRIOR * min(prior) else "off"
     return train.model_copy(update={"class_balance": balance, "class_prior": prior if balance != "off" else []})

@@ -40,6 +40,19 @@ def logit_adjustment(prior: list[float], num_labels: int) -> torch.Tensor:
     return torch.log(p / p.sum())
 
 
+def class_weights(prior: list[float], num_labels: int) -> torch.Tensor:
+    """What ``train.class_balance = "reweighted"`` multiplies each example's gradient by, after DP
+    clipping: the smallest class prior over its own class's prior. Each class then pulls with the
+    same total weight (under DP every clipped gradient has about the same norm, so without weights
+    each class pulls in proportion to its rows and a skewed site learns its majority class). Every
+    weight is at most 1, so a clipped gradient stays within the clipping norm: no privacy cost,
+    whatever prior the coordinator sends."""
+    if len(prior) != num_labels:
+        raise ValueError(f"train.class_prior has {len(prior)} values for {num_labels} labels")
+    p = torch.tensor(prior, dtype=torch.float32)
+    return p.min() / p
+
+
 def per_example_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     shift_logits = logits[:, :-1, :]
     shift_labels = labels[:, 1:]

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from opacus import PrivacyEngine
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import DataLoader, Dataset
@@ -24,7 +25,7 @@ from fedtune.adapters import trainable_parameters, unwrap
 from fedtune.config import PrivacyConfig, TrainConfig
 from fedtune.privacy.accounting import AccountantHistory
 from fedtune.training.auto import AUTO, dp_sample_rate, steps_per_epoch  # noqa: F401 (re-exported)
-from fedtune.training.losses import batch_loss, causal_lm_loss, logit_adjustment
+from fedtune.training.losses import batch_loss, causal_lm_loss, class_weights, logit_adjustment
 from fedtune.training.precision import PerSampleLossScaler, autocast
 from fedtune.training.schedule import warmup_cosine
 
@@ -76,13 +77,20 @@ class LocalTrainer:
                              "(fedtune.training.auto.resolve_train)")
         self.task = task
         self.cfg = train_cfg
-        self.adjustment = None  # train.class_balance: added to the logits in the loss only
-        if task == "sequence-classification" and train_cfg.class_balance == "logit-adjusted":
+        # train.class_balance: "logit-adjusted" adds log(prior) to the logits in the loss only;
+        # "reweighted" weights each example's gradient by its class (after DP clipping, see step)
+        self.adjustment: Optional[torch.Tensor] = None
+        self.class_weights: Optional[torch.Tensor] = None
+        if task == "sequence-classification" and train_cfg.class_balance in ("logit-adjusted", "reweighted"):
             if not train_cfg.class_prior:
-                raise ValueError("train.class_balance = 'logit-adjusted' needs train.class_prior (the coordinator "
-                                 "or train-local sets it from evaluation rows)")
+                raise ValueError(f"train.class_balance = {train_cfg.class_balance!r} needs train.class_prior (the "
+                                 "coordinator or train-local sets it from evaluation rows)")
             labels = getattr(getattr(model, "config", None), "num_labels", len(train_cfg.class_prior))
-            self.adjustment = logit_adjustment(train_cfg.class_prior, labels).to(device)
+            if train_cfg.class_balance == "logit-adjusted":
+                self.adjustment = logit_adjustment(train_cfg.class_prior, labels).to(device)
+            else:
+                self.class_weights = class_weights(train_cfg.class_prior, labels).to(device)
+        self._batch_weights: Optional[torch.Tensor] = None  # this batch's class weights (ghost clipping)
         self.privacy = privacy_cfg
         self.device = device
         self.precision = precision
@@ -154,8 +162,22 @@ class LocalTrainer:
         )
         if self.privacy.grad_sample_mode == "ghost":
             self.model, self.optimizer, self.criterion, self.loader = out
+            if self.class_weights is not None:
+                self._weight_ghost_clipping()
         else:
             self.model, self.optimizer, self.loader = out
+
+    def _weight_ghost_clipping(self) -> None:
+        """Ghost clipping scales each example's loss by its clipping factor in a second backward
+        (Opacus's ``get_clipping_coef``): "reweighted" multiplies that factor by the example's class
+        weight (at most 1), as the hooks path does to the clipped per-sample gradients."""
+        clipping_coef = self.model.get_clipping_coef
+
+        def weighted_coef() -> torch.Tensor:
+            coef = clipping_coef()
+            return coef * self._batch_weights.to(coef.device) if self._batch_weights is not None else coef
+
+        self.model.get_clipping_coef = weighted_coef
 
     def _noise_gen(self) -> torch.Generator:
         self._noise_generator = torch.Generator(device=self.device).manual_seed(self._noise_seed)
@@ -174,6 +196,7 @@ class LocalTrainer:
             with autocast(self.precision, self.device):
                 logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
             loss = self.criterion(self._adjusted(logits.float()), labels)
+            self._batch_weights = self.class_weights[labels] if self.class_weights is not None else None
             loss.backward()
             value = float(loss.detach())
         else:
@@ -181,7 +204,7 @@ class LocalTrainer:
             (self.scaler.scale_loss(loss) if self.scaler else loss).backward()
             value = float(loss.detach())
         if self.engine is not None:
-            self._prepare_per_sample_grads()
+            self._prepare_per_sample_grads(labels)
         else:
             torch.nn.utils.clip_grad_norm_(self.params, self.privacy.max_grad_norm)
         self.optimizer.step()
@@ -195,12 +218,15 @@ class LocalTrainer:
             if self.task == "causal-lm":
                 return causal_lm_loss(self.model, input_ids, attention_mask, labels).mean()
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        if self.class_weights is not None and self.engine is None:  # without DP: a class-weighted loss
+            per_example = F.cross_entropy(logits.float(), labels, reduction="none")
+            return (per_example * self.class_weights[labels]).mean()
         return batch_loss(self._adjusted(logits.float()), labels, self.task)
 
     def _adjusted(self, logits: torch.Tensor) -> torch.Tensor:
         return logits if self.adjustment is None else logits + self.adjustment
 
-    def _prepare_per_sample_grads(self) -> None:
+    def _prepare_per_sample_grads(self, labels: Optional[torch.Tensor] = None) -> None:
         # Concatenate accumulated pieces and keep per-sample gradients in fp32 so that the
         # clipping norms and the sum are computed at full precision.
         for p in self.params:
@@ -218,6 +244,20 @@ class LocalTrainer:
                     f"{len(missing)} trainable tensors got no per-sample gradient: Opacus hooks are not "
                     "attached to them, DP-SGD would be wrong"
                 )
+            if self.class_weights is not None:
+                if labels is None:
+                    raise ValueError("train.class_balance = 'reweighted' needs the batch's labels")
+                self._clip_and_weight(self.class_weights[labels])
+
+    def _clip_and_weight(self, weights: torch.Tensor) -> None:
+        """Clip each example's gradient to privacy.max_grad_norm exactly as Opacus does, then multiply
+        it by its class weight (at most 1). Opacus's own clipping that follows then finds every norm
+        within the bound and leaves the gradients as they are: the sensitivity stays max_grad_norm."""
+        norms = torch.stack([p.grad_sample.reshape(p.grad_sample.shape[0], -1).norm(2, dim=1)
+                             for p in self.params], dim=1).norm(2, dim=1)
+        factor = (self.privacy.max_grad_norm / (norms + 1e-6)).clamp(max=1.0) * weights.to(norms.device)
+        for p in self.params:
+            p.grad_sample = p.grad_sample * factor.view(-1, *([1] * (p.grad_sample.dim() - 1)))
 
     def _empty_batch_step(self) -> None:
         # Poisson sampling drew no example: take a noise-only step, which the accountant counts.

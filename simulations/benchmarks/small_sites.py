@@ -5,10 +5,10 @@ Real data made small and skewed: SST-2 (2 classes) and AG News (4 topics), 4 sit
 site's rows and the other classes even; the coordinator's 400 evaluation rows (all 872 SST-2 dev
 rows would be balanced: these keep the sites' pooled mix, 72%). Epsilon 3 and 8 per site, SecAgg+,
 5 rounds, fedtune's defaults otherwise (VARIANTS): with ``train.class_balance = "off"``, with the
-defaults (class_balance "auto", which turns to "logit-adjusted" on these rows, with the class prior
-from the coordinator's evaluation rows), and with the defaults training the classification head
-only (``lora.head_only``). On the union of the
-same rows, in the same run: a centralized non-private LoRA run and a frozen-embedding probe
+defaults (class_balance "auto", which turns to "reweighted" on these rows, with the class prior
+from the coordinator's evaluation rows), with ``"logit-adjusted"`` instead, and with the defaults
+training the classification head only (``lora.head_only``); the tiny size runs the first two. On
+the union of the same rows, in the same run: a centralized non-private LoRA run and a frozen-embedding probe
 (logistic regression, balanced class weights, on the base model's mean-pooled sentence embeddings).
 Reports accuracy and macro-F1 after the last round against the majority class's, how many classes
 the model predicts, and a plot of macro-F1 per round per task. Targets (TARGET_F1_ABOVE_MAJORITY):
@@ -37,11 +37,13 @@ TASKS = {
     "agnews": {"train": "agnews/train.tsv", "eval": "agnews/test.tsv", "text": "text", "majority": "World"},
 }
 TARGET_F1_ABOVE_MAJORITY = 0.10       # at epsilon 8, and half of the way to centralized non-private
-# (name, overrides): plain cross-entropy, fedtune's defaults (class_balance "auto": logit-adjusted
-# on these skewed rows), and the defaults training the classification head only (a DP linear probe).
+# (name, overrides): plain cross-entropy, fedtune's defaults (class_balance "auto": reweighted on
+# these skewed rows), the logit-adjusted loss instead, and the defaults training the classification
+# head only (a DP linear probe).
 VARIANTS: list[tuple[str, tuple[str, ...]]] = [
     ("class_balance off", ("train.class_balance=off",)),
     ("defaults", ()),
+    ("logit-adjusted", ("train.class_balance=logit-adjusted",)),
     ("head only", ("lora.head_only=true",)),
 ]
 # Centralized non-private: the LoRA the utility benchmark measured its non-private baseline with.
@@ -57,11 +59,13 @@ class Grid:
     site_majority: tuple[float, ...]    # each site's share of the majority class
     eval_rows: int
     rounds: int
+    variants: int = len(VARIANTS)      # the first this many of VARIANTS
 
 
 def grid(size: str) -> Grid:
     if size == "tiny":
-        return Grid(("sst2",), (8.0,), site_rows=(30, 40, 50), site_majority=(0.6, 0.7, 0.8), eval_rows=60, rounds=1)
+        return Grid(("sst2",), (8.0,), site_rows=(30, 40, 50), site_majority=(0.6, 0.7, 0.8), eval_rows=60, rounds=1,
+                    variants=2)
     return Grid(tuple(TASKS), (8.0, 3.0), site_rows=(100, 150, 200, 300), site_majority=(0.6, 0.7, 0.8, 0.7),
                 eval_rows=400, rounds=5)
 
@@ -231,7 +235,7 @@ def run(size: str = "default", out_dir: Path | None = None, workdir: Path | None
             results.append(frozen_probe(model, task, union, eval_path))
             results.append(centralized_non_private(model, task, union, eval_path, g, work))
             for epsilon in g.epsilons:
-                for variant, overrides in VARIANTS:
+                for variant, overrides in VARIANTS[:g.variants]:
                     results.append(federated(model, task, epsilon, variant, overrides, files, eval_path, g, work))
                     payload = _write(size, g, results, majority, out_dir, started)  # a stopped run keeps its rows
     print(f"\nSmall, imbalanced sites ({len(g.site_rows)} sites of {', '.join(map(str, g.site_rows))} rows, "
@@ -248,7 +252,8 @@ def _write(size: str, g: Grid, results: list[dict], majority: dict, out_dir: Pat
     tasks = list(dict.fromkeys(r["task"] for r in results))
     plots = [plot_small_sites(results, majority[t], t, out_dir / f"small_sites-{size}-{t}.png").name for t in tasks]
     payload = {"grid": {"tasks": g.tasks, "epsilons": g.epsilons, "site_rows": g.site_rows,
-                        "site_majority": g.site_majority, "eval_rows": g.eval_rows, "rounds": g.rounds},
+                        "site_majority": g.site_majority, "eval_rows": g.eval_rows, "rounds": g.rounds,
+                        "variants": [v for v, _ in VARIANTS[:g.variants]]},
                "majority": majority, "results": results, "plots": plots, "table": text,
                "seconds": time.perf_counter() - started}
     write_json("small_sites", size, payload, out_dir)
