@@ -208,17 +208,26 @@ def _cmd_audit(args) -> int:
 
 
 def _cmd_privacy_plan(args) -> int:
-    from fedtune.privacy.plan import format_plans, plan_sites, simulated_site_sizes
+    from fedtune.privacy.plan import class_balance_line, format_plans, plan_sites, simulated_site_sizes
 
     cfg = _load(args)
+    requested, eval_rows = cfg.train.class_balance, None
     if args.examples:
         sizes = [(f"site-{i}", int(n)) for i, n in enumerate(args.examples.split(","))]
     else:
+        from fedtune.federation.dataset import federated_rows
+        from fedtune.server.coordinator import with_class_prior
+
         sizes = simulated_site_sizes(cfg)
+        if cfg.model.task == "sequence-classification":  # what the coordinator will send: its own rows' prior
+            rows = federated_rows(cfg)
+            cfg, eval_rows = with_class_prior(cfg, rows), len(rows.central)
     own = _site_privacy_file(args.site_settings) if args.site_settings else None
     plans = plan_sites(cfg, sizes, own=own)
     print(f"{cfg.federation.rounds} rounds x {cfg.train.epochs} local epochs, target epsilon "
           f"{cfg.privacy.target_epsilon:g} at delta {cfg.privacy.target_delta:g} ({cfg.privacy.accountant})")
+    if (line := class_balance_line(requested, cfg.train, cfg.model.task, eval_rows)) is not None:
+        print(line)
     print(format_plans(plans))
     return 0
 

@@ -16,6 +16,7 @@ from flwr.server import LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
 from flwr.server.workflow.default_workflows import default_evaluate_workflow, default_fit_workflow
+from pydantic import ValidationError
 
 from fedtune.config import FedTuneConfig, save_config
 from fedtune.data import LabelMap, read_table
@@ -288,12 +289,16 @@ class RunRecorder:
                           f"needed{' for SecAgg+' if self.run.secagg else ''}; stopping the run", failed=True)
         return kept
 
-    def _count_failures(self, server_round: int, answered: set) -> None:
-        """Sampled sites that sent no update: a budget refusal leaves a site out for the rest of the
-        run, other failures only after max_consecutive_failures rounds in a row."""
+    def _count_failures(self, server_round: int, answered: set, malformed: Optional[dict] = None) -> None:
+        """Sampled sites that sent no usable update (``malformed``: node -> why its answer was not
+        the adapter): a budget refusal leaves a site out for the rest of the run, other failures
+        only after max_consecutive_failures rounds in a row."""
         rnd = self.absolute(server_round)
+        malformed = malformed or {}
         for node in sorted(self.sampled - answered):
             error = self.grid.errors.get(node, "")
+            if node in malformed:
+                error = malformed[node]
             if node not in self.node_site and refusing_site(error):
                 self.node_site[node] = refusing_site(error)
             site = self.node_site.get(node, f"node {node}")
@@ -305,20 +310,32 @@ class RunRecorder:
                 log.warning("round %d: %s sent no update, %s; left out of later rounds", rnd, site,
                             self.roster.health.excluded[node])
             else:
-                log.warning("round %d: %s sent no update (failed or too slow); it is asked again next round",
-                            rnd, site)
+                log.warning("round %d: %s %s; it is asked again next round", rnd, site,
+                            f"sent a malformed answer: {error}" if node in malformed else
+                            "sent no update (failed or too slow)")
         for node in answered & self.sampled:
             self.roster.health.succeeded(node)
 
-    def on_fit(self, server_round: int, results, failures) -> None:
+    def on_fit(self, server_round: int, results, failures, malformed: Optional[dict] = None) -> None:
+        """``results``: the usable updates; ``malformed``: node -> (why, its answer) for the answers
+        that were not one, each also in ``failures`` and counted as that site's failure. A malformed
+        answer whose report is valid still records the privacy the site says it spent."""
+        malformed = malformed or {}
+        for node, (_, res) in malformed.items():
+            try:
+                self._record_site(node, res, trained=False)
+            except ValidationError:
+                pass  # its report is what was malformed: nothing to record
         self.current["failures"] = len(failures)
-        reasons = _failure_reasons(failures)
+        reasons = _failure_reasons(failures) + [f"{self.node_site.get(node, f'node {node}')}: {why[:200]}"
+                                                for node, (why, _) in malformed.items()]
         if reasons:
             # Sites send only a generic reason ("site-2: data error"); the details stay at the site.
             self.current["failure_reasons"] = reasons
             log.warning("round %d: %s", self.absolute(server_round), "; ".join(reasons))
         self.current["aggregated"] = True
-        self._count_failures(server_round, {proxy.node_id for proxy, _ in results})
+        self._count_failures(server_round, {proxy.node_id for proxy, _ in results},
+                             {node: why for node, (why, _) in malformed.items()})
         for proxy, res in results:
             self._record_site(proxy.node_id, res, trained=True)
 

@@ -10,9 +10,11 @@ dies during training is unmasked with its neighbours' shares as the protocol int
 
 from __future__ import annotations
 
+import io
 from logging import INFO
 from typing import Callable, Optional
 
+import numpy as np
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
@@ -47,7 +49,7 @@ class ResilientSecAggPlusWorkflow(SecAggPlusWorkflow):
 
     def collect_masked_vectors_stage(self, grid, context, state: WorkflowState) -> bool:
         before = len(state.failures)
-        ok = super().collect_masked_vectors_stage(grid, context, state)
+        ok = super().collect_masked_vectors_stage(_CheckingMaskedVectors(grid), context, state)
         # Flower 1.42 appends each error reply of this stage twice (in two loops over the replies).
         once = {id(f.args[0]) if f.args else id(f): f for f in state.failures[before:]}
         state.failures[before:] = list(once.values())
@@ -94,3 +96,50 @@ class _NamingMaskGenerator:
         for msg in messages:
             msg.content.config_records[RECORD_KEY_CONFIGS][CONFIG_KEY] = GENERATOR
         return self._grid.send_and_receive(messages, *args, **kwargs)
+
+
+def _npy_shape(data: bytes) -> tuple:
+    """The shape in a serialized ndarray's .npy header (Flower's ``ndarray_to_bytes``), read without
+    the data."""
+    f = io.BytesIO(data)
+    version = np.lib.format.read_magic(f)
+    header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return tuple(header(f)[0])
+
+
+class _CheckingMaskedVectors:
+    """The grid, but a site's masked update whose arrays are not the shapes of the adapter it was
+    sent (plus SecAgg+'s weight factor) comes back as that site's error reply. Flower would add it
+    into the sum as it is: numpy raises on most wrong shapes and broadcasts some silently (a row of
+    an adapter matrix's width), corrupting every site's aggregate. As an error, the site counts as
+    dropped out and its masks are removed with its neighbours' shares."""
+
+    def __init__(self, grid):
+        self._grid = grid
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages, *args, **kwargs):
+        from flwr.app import Error, Message
+        from flwr.common.constant import ErrorCode
+        from flwr.common.secure_aggregation.secaggplus_constants import Key
+
+        messages = list(messages)
+        sent = {m.metadata.dst_node_id: m for m in messages}
+        replies = []
+        for reply in self._grid.send_and_receive(messages, *args, **kwargs):
+            request = sent.get(reply.metadata.src_node_id)
+            if reply.has_error() or request is None:
+                replies.append(reply)
+                continue
+            want = [(1,), *(_npy_shape(a.data) for a in request.content.array_records["fitins.parameters"].values())]
+            try:
+                got = [_npy_shape(b) for b in reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]]
+            except (KeyError, TypeError, ValueError) as e:
+                got = f"no masked vector ({type(e).__name__})"
+            if got != want:
+                reason = f"its masked update is not the adapter: expected arrays of shapes {want}, got {got}"
+                reply = Message(Error(code=ErrorCode.UNKNOWN, reason=reason), reply_to=request)
+            replies.append(reply)
+        return replies

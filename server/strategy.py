@@ -8,9 +8,11 @@ import random
 import numpy as np
 from flwr.common import EvaluateIns, FitIns, FitRes, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy import FedAdam, FedAvg, FedAvgM, FedProx
+from pydantic import ValidationError
 
-from fedtune.adapters import pack, unpack
+from fedtune.adapters import AdapterMismatchError, pack, unpack
 from fedtune.config import FedTuneConfig
+from fedtune.federation.messages import SiteReport
 from fedtune.training.auto import auto_learning_rate
 
 
@@ -54,10 +56,23 @@ def make_strategy(cfg: FedTuneConfig, initial: list[np.ndarray], recorder):
                     for proxy, ins in super().configure_evaluate(server_round, parameters, client_manager)]
 
         def aggregate_fit(self, server_round, results, failures):
-            recorder.on_fit(server_round, results, failures)
-            # An answer that is not the adapter packed is an error (AdapterMismatchError) here,
-            # as Flower's own aggregation would fail on mismatched arrays.
-            results = [(proxy, _unpacked(res, shapes)) for proxy, res in results]
+            # An answer that is not the adapter packed (AdapterMismatchError), or whose report is not
+            # a SiteReport, is that site's failure this round, like a site that sent nothing: the
+            # others' updates are aggregated. (With SecAgg+ every result carries the same unmasked
+            # sum, which holds each site's masked update: only the report can be malformed here,
+            # and dropping it leaves the aggregate as it is.)
+            usable, malformed = [], {}
+            for proxy, res in results:
+                try:
+                    usable.append((proxy, _usable(res, shapes)))
+                except AdapterMismatchError as e:
+                    malformed[proxy.node_id] = (f"its update is not the adapter: {e}", res)
+                except ValidationError as e:
+                    fields = ", ".join(dict.fromkeys(".".join(map(str, err["loc"])) for err in e.errors()))
+                    malformed[proxy.node_id] = (f"its report is malformed (fields: {fields})", res)
+            results = usable
+            failures = [*failures, *(ValueError(why) for why, _ in malformed.values())]
+            recorder.on_fit(server_round, results, failures, malformed)
             # The absolute round: FedAdam's bias correction and FedAvgM's momentum continue across a resume.
             absolute = recorder.absolute(server_round)
             if results and getattr(self, "server_momentum", 0.0) > 0 and not self.momentum_vector:
@@ -137,7 +152,10 @@ def _packed(parameters):
     return ndarrays_to_parameters(pack(parameters_to_ndarrays(parameters)))
 
 
-def _unpacked(res: FitRes, shapes) -> FitRes:
+def _usable(res: FitRes, shapes) -> FitRes:
+    """A site's answer with its adapter unpacked; AdapterMismatchError if the arrays are not the
+    adapter packed, pydantic's ValidationError if its report is not a SiteReport."""
+    SiteReport.from_record(res.metrics)
     arrays = unpack(parameters_to_ndarrays(res.parameters), shapes)
     return FitRes(res.status, ndarrays_to_parameters(arrays), res.num_examples, res.metrics)
 

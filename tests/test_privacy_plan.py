@@ -79,3 +79,23 @@ def test_the_plan_train_local_auto_and_the_sites_budget_calibrate_the_same_noise
     granted, _, _ = round_noise(terms, policy, plan=None, run_rounds_done=0, run_history=[], prior=[], rounds=rounds,
                                 steps=plan.steps_per_round, sample_rate=q, lifetime_delta=terms.delta)
     assert granted == pytest.approx(plan.noise_multiplier, rel=1e-9)
+
+
+def test_plan_shows_the_class_balance_the_coordinator_will_send(tmp_path, capsys):
+    from fedtune import tiny
+
+    train = tiny.write_csv(tiny.separable_rows(200, seed=1, pos_share=0.5), tmp_path / "train.csv")
+    skewed = tiny.write_csv(tiny.separable_rows(100, seed=2, pos_share=0.2), tmp_path / "skewed.csv")
+    balanced = tiny.write_csv(tiny.separable_rows(100, seed=3, pos_share=0.5), tmp_path / "balanced.csv")
+    data = [f'data.train="{train}"', "federation.sites=2"]
+
+    def line(*sets: str, examples: bool = False) -> str:
+        args = ["privacy", "plan", *(a for s in (*data, *sets) for a in ("--set", s))]
+        assert main(args + (["--examples", "100,100"] if examples else [])) == 0
+        return next(x for x in capsys.readouterr().out.splitlines() if x.startswith("class balance"))
+
+    got = line(f'data.eval="{skewed}"')
+    assert got.startswith("class balance: reweighted, class prior [") and "coordinator's 100 evaluation rows" in got
+    assert line(f'data.eval="{balanced}"') == "class balance: off (auto: the coordinator's 100 evaluation rows are balanced)"
+    assert line(f'data.eval="{skewed}"', "train.class_balance=off") == "class balance: off"
+    assert line(f'data.eval="{skewed}"', examples=True).startswith("class balance: auto (reweighted if")

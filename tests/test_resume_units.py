@@ -67,8 +67,12 @@ def test_every_file_of_a_checkpoint_is_fsynced_before_the_rename(tmp_path, monke
 
 
 def _fit(values, n):
+    from fedtune.federation.messages import SiteReport
+
+    report = SiteReport(site=f"site-{n}", epsilon=1.0, delta=1e-5, noise_multiplier=1.0, max_grad_norm=1.0,
+                        sample_rate=0.5, steps=2, accountant="prv").to_record()  # what every site's answer carries
     return (SimpleNamespace(node_id=n, cid=str(n)),
-            FitRes(Status(Code.OK, ""), ndarrays_to_parameters([values]), n, {}))
+            FitRes(Status(Code.OK, ""), ndarrays_to_parameters([values]), n, report))
 
 
 def _server_opt(sets, initial, optimizer=None, offset=0):

@@ -131,3 +131,24 @@ def test_a_site_whose_training_fails_is_one_failure_for_the_strategy():
     got = _run(_resilient(halts, 4, 3), sites, {}, Recording)
     assert halts == [] and failures == [1]
     np.testing.assert_allclose(got, _mean(sites, [100, 101, 103]), atol=1e-4)
+
+
+@pytest.mark.parametrize("wrong", [np.ones(SHAPE[1]), np.ones(7), np.ones((5, 6))])
+def test_a_site_whose_masked_update_is_not_the_adapter_is_dropped_and_the_others_aggregate(wrong):
+    # A row of the adapter's width would broadcast into Flower's sum: every site's aggregate wrong.
+    sites = _sites(4)
+    sites[102] = (wrong, 50)
+    failures, reasons = [], []
+
+    class Recording(FedAvg):
+        def aggregate_fit(self, server_round, results, failed):
+            failures.append(len(failed))
+            reasons.extend(f.args[0].reason for f in failed)
+            return super().aggregate_fit(server_round, results, failed)
+
+    halts = []
+    got = _run(_resilient(halts, 4, 3), sites, {}, Recording)
+    assert halts == [] and failures == [1]
+    assert reasons == [f"its masked update is not the adapter: expected arrays of shapes [(1,), {SHAPE}], "
+                       f"got [(1,), {wrong.shape}]"]
+    np.testing.assert_allclose(got, _mean(sites, [100, 101, 103]), atol=1e-4)

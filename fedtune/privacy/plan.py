@@ -130,6 +130,23 @@ def too_small_warnings(cfg: FedTuneConfig, plan: SitePlan) -> list[str]:
     ]
 
 
+def class_balance_line(requested: str, train, task: str, eval_rows: Optional[int]) -> Optional[str]:
+    """What ``train.class_balance`` (``requested`` in the config) does in the planned run: ``train``
+    resolved from the coordinator's ``eval_rows`` evaluation rows where known, else as configured.
+    None for a task without classes."""
+    if task != "sequence-classification":
+        return None
+    if train.class_balance == "auto":
+        return ("class balance: auto (reweighted if the coordinator's evaluation rows are skewed 1.5x or more; "
+                "decided when the run starts)")
+    if train.class_balance == "off":
+        return "class balance: off" + (f" (auto: the coordinator's {eval_rows} evaluation rows are balanced)"
+                                       if requested == "auto" else "")
+    prior = ", ".join(f"{p:.3g}" for p in train.class_prior)
+    source = f"from the coordinator's {eval_rows} evaluation rows" if eval_rows is not None else "as configured"
+    return f"class balance: {train.class_balance}, class prior [{prior}] {source}"
+
+
 def format_plans(plans: list[SitePlan]) -> str:
     from fedtune.privacy.display import format_epsilon
 
