@@ -405,6 +405,56 @@ def _post(port: int, path: str, body: bytes, ca: Path) -> int:
         return err.code
 
 
+def test_an_adapter_update_larger_than_flowers_5_mb_chunk_crosses_the_proxy_end_to_end(federation, procs,
+                                                                                       coordinator, tmp_path):
+    """Both sites join through deploy/proxy/nginx.conf and train one SecAgg+ round of a model whose
+    adapter is 8.4 MB (a wider random BERT, LoRA r 512 with A trained: 2.1M values): it reaches
+    each site in two of Flower's array chunks (5 MB and the rest), and each site's masked update
+    goes back as one message of 16.8 MB (measured; SecAgg+'s integers)."""
+    from flwr.common.constant import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE
+
+    wide = tiny.make_tiny_bert(tmp_path / "wide-bert", hidden_size=512)
+    config = tmp_path / "wide.toml"
+    config.write_text(f"""
+[model]
+name = "{wide}"
+max_length = 16
+[lora]
+r = 512
+freeze_a = false
+[data]
+eval = "{federation['root'] / 'eval.csv'}"
+[train]
+epochs = 1
+[federation]
+sites = 2
+rounds = 1
+fraction_evaluate = 0.0
+""")
+    port = _proxy(procs, federation, coordinator, tmp_path / "proxy")
+    for site in ("site-a", "site-b"):  # their own state folders: the other tests' ledgers stay theirs
+        cmd = _client(federation, site, port, free_port())
+        at = cmd.index("--state-dir")
+        procs.start(site, cmd[:at + 1] + [tmp_path / "state" / site] + cmd[at + 2:])
+    out = tmp_path / "run"
+    operator = Processes(coordinator.env, tmp_path)  # the coordinator's Flower configuration
+    submit = operator.start("submit", fedtune_cmd("submit", "--config", config, "--out", out,
+                                                  "--state-dir", coordinator.state))
+    try:
+        assert operator.wait(submit, 600) == 0, operator.log(submit)[-3000:]
+    finally:
+        assert not operator.stop_all()
+    (record,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
+    assert not record["failed"] and set(record["sites"]) == {"site-a", "site-b"}, record
+    assert all(v > FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE for v in record["bytes_up"].values()), record["bytes_up"]
+    access = (tmp_path / "proxy" / "access.log").read_text()
+    assert '"POST /v1/fleet/push-object HTTP/1.1" 200' in access and " 413 " not in access
+    # The global adapter reached each site through the proxy as a full 5 MB chunk and the rest
+    # (measured: 5,242,909 and 3,149,989 bytes to each site).
+    pulled = [int(n) for n in re.findall(r'"POST /v1/fleet/pull-object HTTP/1\.1" 200 (\d+)', access)]
+    assert sum(n >= FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE for n in pulled) == 2, sorted(pulled)[-6:]
+
+
 def test_the_proxy_rule_passes_the_fleet_api_and_refuses_the_control_api(federation, procs, coordinator, tmp_path):
     """deploy/proxy/nginx.conf, pointed at this test's coordinator: a site joins through it, a
     Control API call (which would start runs) is refused, and a request the size of Flower's
