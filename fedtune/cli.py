@@ -211,7 +211,7 @@ def _cmd_privacy_plan(args) -> int:
     from fedtune.privacy.plan import class_balance_line, format_plans, plan_sites, simulated_site_sizes
 
     cfg = _load(args)
-    requested, eval_rows = cfg.train.class_balance, None
+    requested, eval_rows = cfg.train, None
     if args.examples:
         sizes = [(f"site-{i}", int(n)) for i, n in enumerate(args.examples.split(","))]
     else:

@@ -296,10 +296,8 @@ class RunRecorder:
         rnd = self.absolute(server_round)
         malformed = malformed or {}
         for node in sorted(self.sampled - answered):
-            error = self.grid.errors.get(node, "")
-            if node in malformed:
-                error = malformed[node]
-            if node not in self.node_site and refusing_site(error):
+            error = malformed.get(node) or self.grid.errors.get(node, "")
+            if node not in malformed and node not in self.node_site and refusing_site(error):
                 self.node_site[node] = refusing_site(error)
             site = self.node_site.get(node, f"node {node}")
             verdict = self.roster.health.failed(node, error)
@@ -316,11 +314,14 @@ class RunRecorder:
         for node in answered & self.sampled:
             self.roster.health.succeeded(node)
 
-    def on_fit(self, server_round: int, results, failures, malformed: Optional[dict] = None) -> None:
+    def on_fit(self, server_round: int, results, failures, malformed: Optional[dict] = None,
+               unreadable: Optional[dict] = None) -> None:
         """``results``: the usable updates; ``malformed``: node -> (why, its answer) for the answers
-        that were not one, each also in ``failures`` and counted as that site's failure. A malformed
-        answer whose report is valid still records the privacy the site says it spent."""
-        malformed = malformed or {}
+        that were not one, each also in ``failures`` and counted as that site's failure (a malformed
+        answer whose report is valid still records the privacy the site says it spent);
+        ``unreadable``: node -> why, SecAgg+ sites whose masked update is in the sum but whose
+        report is malformed (they contributed: not a failure; what they spent is not known here)."""
+        malformed, unreadable = malformed or {}, unreadable or {}
         for node, (_, res) in malformed.items():
             try:
                 self._record_site(node, res, trained=False)
@@ -328,13 +329,15 @@ class RunRecorder:
                 pass  # its report is what was malformed: nothing to record
         self.current["failures"] = len(failures)
         reasons = _failure_reasons(failures) + [f"{self.node_site.get(node, f'node {node}')}: {why[:200]}"
-                                                for node, (why, _) in malformed.items()]
+                                                for node, (why, _) in malformed.items()] + [
+            f"{self.node_site.get(node, f'node {node}')}: {why}; its masked update is in the sum, the privacy "
+            "it spent is not known here" for node, why in unreadable.items()]
         if reasons:
             # Sites send only a generic reason ("site-2: data error"); the details stay at the site.
             self.current["failure_reasons"] = reasons
             log.warning("round %d: %s", self.absolute(server_round), "; ".join(reasons))
         self.current["aggregated"] = True
-        self._count_failures(server_round, {proxy.node_id for proxy, _ in results},
+        self._count_failures(server_round, {proxy.node_id for proxy, _ in results} | set(unreadable),
                              {node: why for node, (why, _) in malformed.items()})
         for proxy, res in results:
             self._record_site(proxy.node_id, res, trained=True)

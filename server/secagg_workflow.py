@@ -108,8 +108,9 @@ def _npy_shape(data: bytes) -> tuple:
 
 
 class _CheckingMaskedVectors:
-    """The grid, but a site's masked update whose arrays are not the shapes of the adapter it was
-    sent (plus SecAgg+'s weight factor) comes back as that site's error reply. Flower would add it
+    """The grid, but a site's masked update that is not integer arrays of the shapes of the adapter it
+    was sent (plus SecAgg+'s weight factor), or a reply Flower could not read, comes back as that
+    site's error reply. Flower would add it
     into the sum as it is: numpy raises on most wrong shapes and broadcasts some silently (a row of
     an adapter matrix's width), corrupting every site's aggregate. As an error, the site counts as
     dropped out and its masks are removed with its neighbours' shares."""
@@ -122,7 +123,9 @@ class _CheckingMaskedVectors:
 
     def send_and_receive(self, messages, *args, **kwargs):
         from flwr.app import Error, Message
+        from flwr.common import bytes_to_ndarray
         from flwr.common.constant import ErrorCode
+        from flwr.compat.common import recorddict_compat as compat
         from flwr.common.secure_aggregation.secaggplus_constants import Key
 
         messages = list(messages)
@@ -135,11 +138,16 @@ class _CheckingMaskedVectors:
                 continue
             want = [(1,), *(_npy_shape(a.data) for a in request.content.array_records["fitins.parameters"].values())]
             try:
-                got = [_npy_shape(b) for b in reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]]
-            except (KeyError, TypeError, ValueError) as e:
-                got = f"no masked vector ({type(e).__name__})"
+                arrays = [bytes_to_ndarray(b)
+                          for b in reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]]
+                compat.recorddict_to_fitres(reply.content, True)  # what Flower reads of it next
+                got = [a.shape for a in arrays]
+                if got == want and any(a.dtype.kind not in "iu" for a in arrays):
+                    got = f"{[str(a.dtype) for a in arrays]} values, not integers"
+            except Exception as e:  # noqa: BLE001 - whatever a site sent
+                got = f"an unreadable reply ({type(e).__name__})"
             if got != want:
-                reason = f"its masked update is not the adapter: expected arrays of shapes {want}, got {got}"
+                reason = f"its masked update is not the adapter: expected integer arrays of shapes {want}, got {got}"
                 reply = Message(Error(code=ErrorCode.UNKNOWN, reason=reason), reply_to=request)
             replies.append(reply)
         return replies

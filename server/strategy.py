@@ -58,21 +58,30 @@ def make_strategy(cfg: FedTuneConfig, initial: list[np.ndarray], recorder):
         def aggregate_fit(self, server_round, results, failures):
             # An answer that is not the adapter packed (AdapterMismatchError), or whose report is not
             # a SiteReport, is that site's failure this round, like a site that sent nothing: the
-            # others' updates are aggregated. (With SecAgg+ every result carries the same unmasked
-            # sum, which holds each site's masked update: only the report can be malformed here,
-            # and dropping it leaves the aggregate as it is.)
-            usable, malformed = [], {}
+            # others' updates are aggregated. With SecAgg+ every result carries the same unmasked
+            # sum, which already holds each site's masked update: a malformed report there is noted
+            # (the site contributed; what it spent is unknown here) and its result kept.
+            usable, malformed, unreadable, summed = [], {}, {}, []
             for proxy, res in results:
                 try:
-                    usable.append((proxy, _usable(res, shapes)))
+                    unpacked = _unpacked(res, shapes)
                 except AdapterMismatchError as e:
                     malformed[proxy.node_id] = (f"its update is not the adapter: {e}", res)
+                    continue
+                try:
+                    SiteReport.from_record(res.metrics)
                 except ValidationError as e:
-                    fields = ", ".join(dict.fromkeys(".".join(map(str, err["loc"])) for err in e.errors()))
-                    malformed[proxy.node_id] = (f"its report is malformed (fields: {fields})", res)
-            results = usable
+                    why = f"its report is malformed ({e.error_count()} invalid field(s))"
+                    if recorder.run.secagg is not None:
+                        unreadable[proxy.node_id] = why
+                        summed.append((proxy, unpacked))
+                    else:
+                        malformed[proxy.node_id] = (why, res)
+                    continue
+                usable.append((proxy, unpacked))
             failures = [*failures, *(ValueError(why) for why, _ in malformed.values())]
-            recorder.on_fit(server_round, results, failures, malformed)
+            recorder.on_fit(server_round, usable, failures, malformed, unreadable)
+            results = usable + summed
             # The absolute round: FedAdam's bias correction and FedAvgM's momentum continue across a resume.
             absolute = recorder.absolute(server_round)
             if results and getattr(self, "server_momentum", 0.0) > 0 and not self.momentum_vector:
@@ -152,12 +161,14 @@ def _packed(parameters):
     return ndarrays_to_parameters(pack(parameters_to_ndarrays(parameters)))
 
 
-def _usable(res: FitRes, shapes) -> FitRes:
-    """A site's answer with its adapter unpacked; AdapterMismatchError if the arrays are not the
-    adapter packed, pydantic's ValidationError if its report is not a SiteReport."""
-    SiteReport.from_record(res.metrics)
-    arrays = unpack(parameters_to_ndarrays(res.parameters), shapes)
-    return FitRes(res.status, ndarrays_to_parameters(arrays), res.num_examples, res.metrics)
+def _unpacked(res: FitRes, shapes) -> FitRes:
+    """A site's answer with its adapter unpacked; AdapterMismatchError if its arrays do not even
+    deserialize, or are not the adapter packed."""
+    try:
+        arrays = parameters_to_ndarrays(res.parameters)
+    except Exception as e:  # noqa: BLE001 - bytes a site sent: whatever numpy makes of them
+        raise AdapterMismatchError(f"its arrays do not deserialize ({type(e).__name__})") from None
+    return FitRes(res.status, ndarrays_to_parameters(unpack(arrays, shapes)), res.num_examples, res.metrics)
 
 
 def _no_aggregate(metrics: list) -> dict:

@@ -127,8 +127,8 @@ def test_noise_free_dp_step_equals_clipped_per_sample_average(tiny_models, separ
 
 
 def _noise_free_dp_gradient(cfg, batch, mode: str, weights) -> list[torch.Tensor]:
-    """The DP gradient (clipped, weighted, summed, averaged; no noise) of one batch, ``mode`` hooks
-    or ghost, from the same initial adapter (LoRA B set by a fixed seed)."""
+    """The DP gradient (clipped, weighted, summed, averaged; no noise) of one ``trainer.step`` on
+    ``batch``, ``mode`` hooks or ghost, from the same initial adapter (LoRA B set by a fixed seed)."""
     site = prepare_site(cfg.model_copy(update={"privacy": cfg.privacy.model_copy(update={"grad_sample_mode": mode})}))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -139,17 +139,12 @@ def _noise_free_dp_gradient(cfg, batch, mode: str, weights) -> list[torch.Tensor
     trainer = LocalTrainer(site.model, site.data.train, site.collate, cfg.model.task, train,
                            cfg.privacy.model_copy(update={"grad_sample_mode": mode}), site.device, "fp32",
                            noise_multiplier=0.0)
-    input_ids, mask, labels = batch
-    if mode == "ghost":
-        trainer._batch_weights = trainer.class_weights[labels] if trainer.class_weights is not None else None
-        logits = trainer.model(input_ids=input_ids, attention_mask=mask).logits
-        trainer.criterion(logits.float(), labels).backward()
-    else:
-        trainer.loss(input_ids, mask, labels).backward()
-        trainer._prepare_per_sample_grads(labels)
-    assert trainer.optimizer.pre_step()
-    grads = [p.grad.detach().clone() for p in trainer.params]
+    grads = []  # what the optimizer steps with, after Opacus's clip, noise (none) and average
+    trainer.optimizer.original_optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: grads.extend(p.grad.detach().clone() for p in trainer.params))
+    trainer.step(batch)  # the trainer's own step: weights, clipping and the optimizer as in training
     trainer.close()
+    assert len(grads) == len(trainer.params)
     return grads
 
 
@@ -239,8 +234,10 @@ def test_no_noise_means_infinite_epsilon():
     assert math.isinf(compute_epsilon([(0.0, 0.1, 10)], 1e-5, "prv"))
 
 
-def test_empty_poisson_batch_takes_a_noise_only_step(tiny_models, separable_files):
-    cfg = tiny_config(tiny_models["bert"], separable_files["train"], overrides=["train.learning_rate=1e-2"])
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_empty_poisson_batch_takes_a_noise_only_step(tiny_models, separable_files, mode):
+    cfg = tiny_config(tiny_models["bert"], separable_files["train"],
+                      overrides=["train.learning_rate=1e-2", f"privacy.grad_sample_mode={mode}"])
     site = prepare_site(cfg)
     trainer = LocalTrainer(site.model, site.data.train, site.collate, cfg.model.task, cfg.train, cfg.privacy,
                            site.device, "fp32", noise_multiplier=1.0)

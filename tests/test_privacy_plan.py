@@ -99,3 +99,7 @@ def test_plan_shows_the_class_balance_the_coordinator_will_send(tmp_path, capsys
     assert line(f'data.eval="{balanced}"') == "class balance: off (auto: the coordinator's 100 evaluation rows are balanced)"
     assert line(f'data.eval="{skewed}"', "train.class_balance=off") == "class balance: off"
     assert line(f'data.eval="{skewed}"', examples=True).startswith("class balance: auto (reweighted if")
+    assert line(f'data.eval="{skewed}"', "train.class_balance=reweighted", "train.class_prior=[0.5, 0.5]") == (
+        "class balance: reweighted, class prior [0.5, 0.5] as configured")
+    assert line(f'data.eval="{skewed}"', "train.class_balance=reweighted", examples=True) == (
+        "class balance: reweighted, class prior from the coordinator's evaluation rows when the run starts")

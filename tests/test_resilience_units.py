@@ -351,37 +351,69 @@ def test_fraction_evaluate_zero_asks_no_site_to_evaluate(tmp_path):
     assert len(make_strategy(everyone, [np.zeros(2, np.float32)], rec).configure_evaluate(1, params, manager)) == 3
 
 
-def test_a_malformed_answer_is_that_sites_failure_and_the_other_updates_are_aggregated(tmp_path, caplog):
-    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+def _answer(site: str, arrays, report=True):
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 
-    from fedtune.adapters import pack
     from fedtune.federation.messages import SiteReport
+
+    metrics = SiteReport(site=site, epsilon=1.5, delta=1e-5, noise_multiplier=1.0, max_grad_norm=1.0,
+                         sample_rate=0.5, steps=4, accountant="prv").to_record() if report else {"fedtune.site": 7}
+    return FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), 10, metrics)
+
+
+def _recording_strategy(tmp_path, secagg):
     from fedtune.server.strategy import make_strategy
 
-    cfg = load_config(None, ["federation.sites=3", "federation.max_consecutive_failures=2", "federation.strategy=fedavg"])
+    cfg = load_config(None, ["federation.sites=4", "federation.max_consecutive_failures=2", "federation.strategy=fedavg"])
     initial = [np.zeros((2, 2), np.float32), np.zeros(3, np.float32)]
-    run = PreparedRun(cfg, tmp_path, _FakeEvaluator(), initial, "run1", 0, {}, None, True)
+    run = PreparedRun(cfg, tmp_path, _FakeEvaluator(), initial, "run1", 0, {}, secagg, True)
     rec = RunRecorder(run, SimpleNamespace(take=lambda: ({}, {}), errors={}))
-    strategy = make_strategy(cfg, initial, rec)
+    return rec, make_strategy(cfg, initial, rec)
 
-    def answer(site: str, arrays, report=True) -> FitRes:
-        metrics = SiteReport(site=site, epsilon=1.5, delta=1e-5, noise_multiplier=1.0, max_grad_norm=1.0,
-                             sample_rate=0.5, steps=4, accountant="prv").to_record() if report else {"fedtune.site": 7}
-        return FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), 10, metrics)
 
+def test_a_malformed_answer_is_that_sites_failure_and_the_other_updates_are_aggregated(tmp_path, caplog):
+    from flwr.common import parameters_to_ndarrays
+
+    from fedtune.adapters import pack
+
+    rec, strategy = _recording_strategy(tmp_path, secagg=None)
     update = [np.full((2, 2), 2.0, np.float32), np.full(3, 2.0, np.float32)]
     rec.start_round(1)
-    rec.sampled = {1, 2, 3}
-    results = [(SimpleNamespace(node_id=1), answer("site-0", pack(update))),
-               (SimpleNamespace(node_id=2), answer("site-1", [np.ones(5, np.float32)])),   # not the adapter
-               (SimpleNamespace(node_id=3), answer("site-2", pack(update), report=False))]  # not a report
+    rec.sampled = {1, 2, 3, 4}
+    garbage = _answer("site-3", [])
+    garbage.parameters.tensors = [b"not an array"]
+    results = [(SimpleNamespace(node_id=1), _answer("site-0", pack(update))),
+               (SimpleNamespace(node_id=2), _answer("site-1", [np.ones(5, np.float32)])),   # not the adapter
+               (SimpleNamespace(node_id=3), _answer("site-2", pack(update), report=False)),  # not a report
+               (SimpleNamespace(node_id=4), garbage)]                                         # not even arrays
     parameters, _ = strategy.aggregate_fit(1, results, [])
     # The aggregate is site-0's update alone.
     assert all(np.allclose(got, want) for got, want in zip(parameters_to_ndarrays(parameters), update, strict=True))
-    assert rec.current["failures"] == 2 and list(rec.current["sites"]) == ["site-0"]
+    assert rec.current["failures"] == 3 and list(rec.current["sites"]) == ["site-0"]
     assert rec.current["failure_reasons"] == [
         "site-1: its update is not the adapter: expected the adapter packed as one flat array of 7 values (2 tensors), "
-        "got (5,)", "node 3: its report is malformed (fields: site, epsilon, delta, noise_multiplier, "
-        "max_grad_norm, sample_rate, steps, accountant)"]
+        "got (5,)", "node 3: its report is malformed (8 invalid field(s))",
+        "site-3: its update is not the adapter: its arrays do not deserialize (ValueError)"]
     assert rec.privacy["site-1"]["epsilon"] == 1.5  # it trained: the privacy it reports is recorded
-    assert rec.roster.health.failures == {2: 1, 3: 1} and rec.roster.eligible(2)  # asked again next round
+    assert rec.roster.health.failures == {2: 1, 3: 1, 4: 1} and rec.roster.eligible(2)  # asked again next round
+    assert "sent a malformed answer" in caplog.text
+
+
+def test_with_secagg_a_malformed_report_is_noted_and_the_sum_kept(tmp_path):
+    from flwr.common import parameters_to_ndarrays
+
+    from fedtune.adapters import pack
+    from fedtune.server.secagg import secagg_settings
+
+    cfg = load_config(None, ["federation.sites=4"])
+    rec, strategy = _recording_strategy(tmp_path, secagg=secagg_settings(cfg.federation, [np.zeros(7)], 100))
+    total = [np.full((2, 2), 3.0, np.float32), np.full(3, 3.0, np.float32)]  # Flower sets every result to the sum
+    rec.start_round(1)
+    rec.sampled = {1, 2}
+    results = [(SimpleNamespace(node_id=1), _answer("site-0", pack(total))),
+               (SimpleNamespace(node_id=2), _answer("site-1", pack(total), report=False))]
+    parameters, _ = strategy.aggregate_fit(1, results, [])
+    assert all(np.allclose(got, want) for got, want in zip(parameters_to_ndarrays(parameters), total, strict=True))
+    assert rec.current["failures"] == 0 and rec.roster.health.failures == {}  # it contributed: not a failure
+    assert rec.current["failure_reasons"] == ["node 2: its report is malformed (8 invalid field(s)); its masked "
+                                              "update is in the sum, the privacy it spent is not known here"]

@@ -149,6 +149,28 @@ def test_a_site_whose_masked_update_is_not_the_adapter_is_dropped_and_the_others
     halts = []
     got = _run(_resilient(halts, 4, 3), sites, {}, Recording)
     assert halts == [] and failures == [1]
-    assert reasons == [f"its masked update is not the adapter: expected arrays of shapes [(1,), {SHAPE}], "
+    assert reasons == [f"its masked update is not the adapter: expected integer arrays of shapes [(1,), {SHAPE}], "
                        f"got [(1,), {wrong.shape}]"]
+    np.testing.assert_allclose(got, _mean(sites, [100, 101, 103]), atol=1e-4)
+
+
+def test_a_masked_update_of_floats_is_dropped_and_the_others_aggregate():
+    """The right shapes but not integers (Flower's modular sum would raise on it)."""
+    from flwr.common import bytes_to_ndarray, ndarray_to_bytes
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+    class Tampering(SiteGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            replies = super().send_and_receive(messages, timeout=timeout)
+            for reply in replies:
+                cfg = None if reply.has_error() else reply.content.config_records.get(RECORD_KEY_CONFIGS)
+                if reply.metadata.src_node_id == 102 and cfg is not None and Key.MASKED_PARAMETERS in cfg:
+                    cfg[Key.MASKED_PARAMETERS] = [ndarray_to_bytes(bytes_to_ndarray(b).astype(np.float64))
+                                                  for b in cfg[Key.MASKED_PARAMETERS]]
+            return replies
+
+    sites, halts = _sites(4), []
+    strategy = FedAvg(fraction_fit=1.0, min_fit_clients=4, min_available_clients=4, accept_failures=True)
+    got = run_round(Tampering(sites, {}), _resilient(halts, 4, 3), [np.zeros(SHAPE)], strategy)[0]
+    assert halts == []
     np.testing.assert_allclose(got, _mean(sites, [100, 101, 103]), atol=1e-4)

@@ -130,10 +130,10 @@ def too_small_warnings(cfg: FedTuneConfig, plan: SitePlan) -> list[str]:
     ]
 
 
-def class_balance_line(requested: str, train, task: str, eval_rows: Optional[int]) -> Optional[str]:
-    """What ``train.class_balance`` (``requested`` in the config) does in the planned run: ``train``
-    resolved from the coordinator's ``eval_rows`` evaluation rows where known, else as configured.
-    None for a task without classes."""
+def class_balance_line(requested, train, task: str, eval_rows: Optional[int]) -> Optional[str]:
+    """What ``train.class_balance`` does in the planned run: ``requested`` the config's train
+    section, ``train`` that resolved from the coordinator's ``eval_rows`` evaluation rows where
+    known (else the same). None for a task without classes."""
     if task != "sequence-classification":
         return None
     if train.class_balance == "auto":
@@ -141,9 +141,12 @@ def class_balance_line(requested: str, train, task: str, eval_rows: Optional[int
                 "decided when the run starts)")
     if train.class_balance == "off":
         return "class balance: off" + (f" (auto: the coordinator's {eval_rows} evaluation rows are balanced)"
-                                       if requested == "auto" else "")
+                                       if requested.class_balance == "auto" else "")
+    if not train.class_prior:
+        return f"class balance: {train.class_balance}, class prior from the coordinator's evaluation rows when the run starts"
     prior = ", ".join(f"{p:.3g}" for p in train.class_prior)
-    source = f"from the coordinator's {eval_rows} evaluation rows" if eval_rows is not None else "as configured"
+    source = ("as configured" if requested.class_prior or eval_rows is None
+              else f"from the coordinator's {eval_rows} evaluation rows")
     return f"class balance: {train.class_balance}, class prior [{prior}] {source}"
 
 

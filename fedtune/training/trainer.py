@@ -261,8 +261,11 @@ class LocalTrainer:
 
     def _empty_batch_step(self) -> None:
         # Poisson sampling drew no example: take a noise-only step, which the accountant counts.
+        # (Ghost clipping's optimizer sums p.grad, the hooks' optimizer the per-sample gradients.)
         for p in self.params:
             p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=torch.float32)
+            if self.criterion is not None:
+                p.grad = torch.zeros_like(p)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
